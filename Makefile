@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned: pip takes the local CPU wheel; an unpinned torch pulls a CUDA build.
+TORCH  := torch==2.13.0
+EXTRAS ?= dev
+
+.PHONY: venv install demo test lint typecheck pytest bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q "$(TORCH)" -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/dataflow run graphs/pipeline_demo.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+bench: install
+	$(PY) benchmarks/hop_cost.py
+	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/thread_overlap.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

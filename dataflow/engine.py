@@ -1,0 +1,563 @@
+"""The engine: runs a graph inside your event loop.
+
+``async with Engine(graph) as engine`` starts every node (threads, ``setup()``) and
+stops them all on exit; inside, ``run`` answers one input, ``stream`` yields a
+request's outputs as they come, and ``map`` runs many inputs with bounded memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from functools import partial
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+
+from ._errors import EngineClosed, InvalidRequest, Overloaded
+from .graph import Graph
+from .runtime._backend import Backend, current_backend
+from .runtime._request import (
+    CANCELLED,
+    SUCCEEDED,
+    Deadlines,
+    Item,
+    Request,
+    RequestCounters,
+)
+from .runtime._scheduler import Scheduler
+from .runtime._stats import snapshot
+
+__all__ = ["Engine", "EngineState", "MapStream", "Stream"]
+
+
+class EngineState(enum.Enum):
+    """Where an engine is in its life: it starts once and closes once."""
+
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Engine:
+    """Runs a :class:`~dataflow.Graph` in the current event loop (asyncio, uvloop, trio).
+
+    Args:
+        graph: the graph to run; validated here, so an invalid one raises at once.
+        max_in_flight: the most requests inside the engine at once; further ``run`` /
+            ``stream`` calls wait for room, or raise :class:`Overloaded` with
+            ``wait=False``. ``None`` leaves admission to the channels' backpressure.
+        shutdown: what leaving ``async with`` does with requests still in flight:
+            ``"drain"`` lets them finish, ``"cancel"`` cancels them (they raise
+            :class:`EngineClosed`). An exception leaving the block always cancels.
+        stream_buffer: outputs a stream holds for a slow reader before the graph waits.
+
+    Raises:
+        GraphError: the graph is invalid or a placement is unavailable here.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        *,
+        max_in_flight: int | None = None,
+        shutdown: Literal["drain", "cancel"] = "drain",
+        stream_buffer: int = 16,
+    ) -> None:
+        if not isinstance(graph, Graph):
+            raise TypeError(f"Engine needs a dataflow Graph, got {type(graph).__name__}")
+        graph.validate()
+        if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+            raise ValueError("max_in_flight must be an int >= 1 or None")
+        if shutdown not in ("drain", "cancel"):
+            raise ValueError("shutdown must be 'drain' or 'cancel'")
+        if stream_buffer < 1:
+            raise ValueError("stream_buffer must be >= 1")
+        self.graph = graph
+        self.plan = graph.plan()
+        self.max_in_flight = max_in_flight
+        self.shutdown = shutdown
+        self.stream_buffer = stream_buffer
+        self.counters = RequestCounters()
+        nodes = graph.nodes.values()
+        self._params = frozenset().union(*(n.info.params for n in nodes))
+        self._any_param = any(n.info.accepts_any_param for n in nodes)
+        self._state = EngineState.UNOPENED
+        self._next_id = 0
+        self._live: dict[int, Request] = {}
+        self._admission: deque[Any] = deque()
+        self._idle: deque[Any] = deque()
+        self._backend: Backend | None = None
+        self._scheduler: Scheduler | None = None
+        self._deadlines: Deadlines | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._deadline_scope: anyio.CancelScope | None = None
+        self._loop_thread = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    async def __aenter__(self) -> Engine:
+        """Start every node: create replicas and threads, run ``setup()``.
+
+        Raises:
+            EngineClosed: the engine was already started once.
+            NodeError: a node could not start (its ``setup()`` or constructor raised);
+                whatever had started is stopped again.
+        """
+        if self._state is not EngineState.UNOPENED:
+            raise EngineClosed(
+                f"this engine is {self._state.value}; an Engine runs once: create a new one"
+            )
+        self._state = EngineState.CLOSING  # until started
+        backend = self._backend = current_backend()
+        self._loop_thread = threading.get_ident()
+        tg = self._tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            self._scheduler = Scheduler(self.graph, self.plan, backend)
+            self._deadlines = Deadlines(backend)
+            await self._scheduler.start(tg)
+            await tg.start(self._run_deadlines)
+        except BaseException as exc:
+            tg.cancel_scope.cancel()
+            try:
+                await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                if self._scheduler is not None:
+                    await self._scheduler.stop()
+                self._state = EngineState.CLOSED
+            raise
+        self._state = EngineState.OPEN
+        return self
+
+    async def _run_deadlines(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        assert self._deadlines is not None
+        with anyio.CancelScope() as scope:
+            self._deadline_scope = scope
+            task_status.started()
+            await self._deadlines.run()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        """Stop: drain (or cancel) requests in flight, end every worker, join threads."""
+        assert self._tg is not None and self._scheduler is not None
+        self._state = EngineState.CLOSING
+        try:
+            if exc_type is None and self.shutdown == "drain":
+                try:
+                    await self._drain()
+                except BaseException:
+                    self._cancel_all()
+                    raise
+            else:
+                self._cancel_all()
+                self._tg.cancel_scope.cancel()
+        finally:
+            if self._live:
+                # Cancelling: do not wait for bodies that may never return.
+                self._tg.cancel_scope.cancel()
+            self._scheduler.close_input()
+            if self._deadline_scope is not None:
+                self._deadline_scope.cancel()
+            try:
+                suppressed = await self._tg.__aexit__(exc_type, exc, tb)
+            finally:
+                await self._scheduler.stop()
+                self._state = EngineState.CLOSED
+        return bool(suppressed)
+
+    async def _drain(self) -> None:
+        assert self._backend is not None
+        while self.counters.in_flight:
+            await self._backend.park(self._idle)
+
+    def _cancel_all(self) -> None:
+        for req in list(self._live.values()):
+            req.cancel(EngineClosed(f"engine closed while request {req.id} was in flight"))
+
+    async def aclose(self) -> None:
+        """Not supported: the engine's tasks belong to the ``async with`` block."""
+        raise EngineClosed("leave the 'async with Engine(...)' block to close the engine")
+
+    # -- requests ----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._state is not EngineState.OPEN:
+            hint = (
+                "use 'async with Engine(graph) as engine:' and submit inside the block"
+                if self._state is EngineState.UNOPENED
+                else "submit before leaving the 'async with' block"
+            )
+            raise EngineClosed(f"engine is {self._state.value}: {hint}")
+
+    def _check_params(self, params: dict[str, Any]) -> None:
+        if self._any_param:
+            return
+        unknown = sorted(set(params) - self._params)
+        if unknown:
+            accepted = ", ".join(sorted(self._params)) or "none"
+            raise InvalidRequest(
+                f"graph {self.graph.name!r} has no node that accepts parameter(s) "
+                f"{', '.join(unknown)}; accepted: {accepted}"
+            )
+
+    def _on_finish(self, req: Request) -> None:
+        counters = self.counters
+        if req.state == SUCCEEDED:
+            counters.succeeded += 1
+        elif req.state == CANCELLED:
+            counters.cancelled += 1
+            if isinstance(req.error, TimeoutError):
+                counters.timed_out += 1
+        else:
+            counters.failed += 1
+        del self._live[req.id]
+        backend = self._backend
+        assert backend is not None
+        if self._admission:
+            backend.wake(self._admission)
+        if self._idle and not counters.in_flight:
+            backend.wake_all(self._idle)
+
+    async def _submit(
+        self, x: Any, timeout: float | None, wait: bool, params: dict[str, Any], streaming: bool
+    ) -> Request:
+        self._check_open()
+        self._check_params(params)
+        backend = self._backend
+        assert backend is not None and self._scheduler is not None
+        if timeout is not None:
+            if not isinstance(timeout, int | float) or timeout <= 0 or math.isnan(timeout):
+                raise InvalidRequest(f"timeout must be seconds > 0 or None, got {timeout!r}")
+            deadline = backend.time() + timeout
+        else:
+            deadline = math.inf
+        limit = self.max_in_flight
+        if limit is not None and self.counters.in_flight >= limit:
+            if not wait:
+                raise Overloaded(
+                    f"engine is at max_in_flight={limit}; retry later or pass wait=True"
+                )
+            with anyio.fail_after(None if timeout is None else deadline - backend.time()):
+                while self.counters.in_flight >= limit:
+                    await backend.park(self._admission)
+                    self._check_open()
+            if self._admission and self.counters.in_flight + 1 < limit:
+                backend.wake(self._admission)
+        self._next_id += 1
+        req = Request(
+            self._next_id,
+            backend,
+            params,
+            self._on_finish,
+            streaming=streaming,
+            buffer=self.stream_buffer,
+            deadline=deadline,
+        )
+        self.counters.submitted += 1
+        self._live[req.id] = req
+        if deadline != math.inf:
+            assert self._deadlines is not None
+            self._deadlines.add(req)
+        item = Item(req, x)
+        source = self._scheduler.source
+        if not source.put_nowait(item):
+            try:
+                with anyio.CancelScope() as scope:
+                    req.add_cleanup(scope.cancel)
+                    await source.send(item)
+            except BaseException:
+                req.cancel()
+                raise
+        return req
+
+    def _outcome(self, req: Request) -> Any:
+        if req.state == SUCCEEDED:
+            if self.plan.streaming:
+                return list(req.outputs)
+            if not req.outputs:
+                raise InvalidRequest(f"request {req.id} produced no output")
+            return req.outputs[0]
+        raise req.outcome_error()
+
+    async def run(
+        self, x: Any, *, timeout: float | None = None, wait: bool = True, **params: Any
+    ) -> Any:
+        """Run one input through the graph and return its result.
+
+        For a streaming graph (a generator or shard not merged before the exit) the result
+        is the list of every output, in order.
+
+        Args:
+            x: the input of the graph's entry node.
+            timeout: seconds until the request is cancelled everywhere.
+            wait: at ``max_in_flight``, wait for room (True) or raise Overloaded (False).
+            **params: per-request parameters, given to the nodes that declare them.
+
+        Raises:
+            NodeError: a node failed for this request (the cause is chained).
+            TimeoutError: the deadline passed first.
+            Overloaded: ``wait=False`` and the engine is full.
+            InvalidRequest: a parameter no node accepts, or a bad timeout.
+            EngineClosed: the engine is not running, or closed while this request ran.
+        """
+        req = await self._submit(x, timeout, wait, params, streaming=False)
+        try:
+            await req.wait_done()
+        except BaseException:
+            req.cancel()
+            raise
+        return self._outcome(req)
+
+    def stream(
+        self, x: Any, *, timeout: float | None = None, wait: bool = True, **params: Any
+    ) -> Stream:
+        """Stream one input's outputs as the graph produces them.
+
+        Use as ``async for out in engine.stream(x)``. Leaving the loop early, calling
+        ``aclose()`` or cancelling the consumer cancels the request everywhere.
+        Raises (from iteration) what :meth:`run` raises.
+        """
+        self._check_open()
+        self._check_params(params)
+        return Stream(self, x, timeout, wait, params)
+
+    def map(
+        self,
+        inputs: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ordered: bool = True,
+        window: int | None = None,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        **params: Any,
+    ) -> MapStream:
+        """Run many inputs, pulling the next only when one of at most ``window`` ends.
+
+        Args:
+            inputs: a sync or async iterable.
+            ordered: yield results in input order (True) or as they finish.
+            window: the most of this call's requests in flight (default: ``max_in_flight``
+                or twice the entry node's capacity).
+            timeout: per-request deadline in seconds.
+            return_exceptions: yield a failed request's exception instead of raising it.
+            **params: per-request parameters for every input.
+
+        Raises (from iteration) what :meth:`run` raises, unless ``return_exceptions``.
+        """
+        self._check_open()
+        self._check_params(params)
+        if window is None:
+            assert self._scheduler is not None
+            window = self.max_in_flight or 2 * self._scheduler.source.capacity
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        return MapStream(self, inputs, ordered, window, timeout, return_exceptions, params)
+
+    # -- figures -----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per request, per node and per edge figures (see README, "Stats")."""
+        if self._scheduler is None:
+            return {"graph": self.graph.name, "requests": self.counters.as_dict()}
+        return snapshot(self.graph.name, self._scheduler, self.counters)
+
+    def items_inside(self) -> int:
+        """How many items the graph holds right now (channels and merge buffers)."""
+        return 0 if self._scheduler is None else self._scheduler.items_inside()
+
+
+class Stream:
+    """The outputs of one request, as an async iterator; closing it cancels the request."""
+
+    def __init__(
+        self, engine: Engine, x: Any, timeout: float | None, wait: bool, params: dict[str, Any]
+    ) -> None:
+        self._engine = engine
+        self._args = (x, timeout, wait, params)
+        self._req: Request | None = None
+        self._closed = False
+
+    @property
+    def request_id(self) -> int | None:
+        return None if self._req is None else self._req.id
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._req is None:
+            x, timeout, wait, params = self._args
+            self._req = await self._engine._submit(x, timeout, wait, params, streaming=True)
+        try:
+            ok, value = await self._req.next_output()
+        except BaseException:
+            self._close()
+            raise
+        if not ok:
+            self._closed = True
+            raise StopAsyncIteration
+        return value
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._req is not None:
+            self._req.cancel()
+
+    async def aclose(self) -> None:
+        """Stop the stream; a request still running is cancelled everywhere."""
+        self._close()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        # Leaving ``async for`` with ``break`` drops the last reference here (CPython):
+        # cancel the request at once rather than let it run to the end. Only on the loop's
+        # own thread, where touching the request is safe.
+        req = self._req
+        if req is not None and not req.done and threading.get_ident() == self._engine._loop_thread:
+            req.cancel()
+
+
+class MapStream:
+    """Results of ``Engine.map`` as an async iterator; closing it cancels what is left."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        inputs: Iterable[Any] | AsyncIterable[Any],
+        ordered: bool,
+        window: int,
+        timeout: float | None,
+        return_exceptions: bool,
+        params: dict[str, Any],
+    ) -> None:
+        self._engine = engine
+        self._sync: Iterator[Any] | None = None
+        self._async: AsyncIterator[Any] | None = None
+        if isinstance(inputs, AsyncIterable):
+            self._async = aiter(inputs)
+        elif isinstance(inputs, Iterable):
+            self._sync = iter(inputs)
+        else:
+            raise TypeError(f"map needs an iterable or async iterable, got {type(inputs).__name__}")
+        self._ordered = ordered
+        self._window = window
+        self._timeout = timeout
+        self._return_exceptions = return_exceptions
+        self._params = params
+        self._pending: deque[Request] = deque()
+        self._finished: deque[Request] = deque()
+        self._waiters: deque[Any] = deque()
+        self._exhausted = False
+        self._closed = False
+
+    def __aiter__(self) -> MapStream:
+        return self
+
+    async def _next_input(self) -> tuple[bool, Any]:
+        if self._sync is not None:
+            try:
+                return True, next(self._sync)
+            except StopIteration:
+                return False, None
+        assert self._async is not None
+        try:
+            return True, await anext(self._async)
+        except StopAsyncIteration:
+            return False, None
+
+    def _ready(self) -> Request | None:
+        if self._ordered:
+            if self._pending and self._pending[0].done:
+                return self._pending.popleft()
+            return None
+        if self._finished:
+            req = self._finished.popleft()
+            self._pending.remove(req)
+            return req
+        return None
+
+    async def __anext__(self) -> Any:
+        engine = self._engine
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            while True:
+                req = self._ready()
+                if req is not None:
+                    return self._result(req)
+                if not self._exhausted and len(self._pending) < self._window:
+                    more, x = await self._next_input()
+                    if not more:
+                        self._exhausted = True
+                        continue
+                    req = await engine._submit(
+                        x, self._timeout, True, self._params, streaming=False
+                    )
+                    self._pending.append(req)
+                    req.add_cleanup(partial(self._on_done, req))
+                    continue
+                if not self._pending:
+                    self._closed = True
+                    raise StopAsyncIteration
+                assert engine._backend is not None
+                await engine._backend.park(self._waiters)
+        except BaseException as exc:
+            if not isinstance(exc, StopAsyncIteration):
+                self._cancel_pending()
+            raise
+
+    def _on_done(self, req: Request) -> None:
+        if not self._ordered:
+            self._finished.append(req)
+        if self._waiters:
+            backend = self._engine._backend
+            assert backend is not None
+            backend.wake(self._waiters)
+
+    def _result(self, req: Request) -> Any:
+        try:
+            return self._engine._outcome(req)
+        except Exception as exc:
+            if self._return_exceptions:
+                return exc
+            raise
+
+    def _cancel_pending(self) -> None:
+        self._closed = True
+        for req in self._pending:
+            req.cancel()
+        self._pending.clear()
+
+    async def aclose(self) -> None:
+        """Stop; requests of this map still running are cancelled."""
+        self._cancel_pending()
+
+    async def __aenter__(self) -> MapStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cancel_pending()
+
+    def __del__(self) -> None:
+        if self._pending and threading.get_ident() == self._engine._loop_thread:
+            for req in self._pending:
+                req.cancel()

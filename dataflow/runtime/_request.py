@@ -1,0 +1,285 @@
+"""Requests, the items that carry them through the graph, and their outcomes.
+
+Every accepted request ends exactly once (:meth:`Request.finish`): succeeded, failed or
+cancelled. Whatever races to end it — the last output reaching the sink, a node failing,
+the deadline, the caller going away — the first one wins and the others are no-ops, so
+the caller's outcome and the engine's counters always agree.
+
+A request counts its live items (``outstanding``). Nodes that emit several items per
+input (shards, generators, fan-out) add to it; the sink and dropped items subtract. When
+it reaches zero every output has been delivered and the request succeeds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .._errors import DataflowError
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+
+__all__ = ["Deadlines", "Item", "Request", "RequestCounters", "Sink"]
+
+PENDING, SUCCEEDED, FAILED, CANCELLED = 0, 1, 2, 3
+STATE_NAMES = ("pending", "succeeded", "failed", "cancelled")
+
+# (index, total) per open shard or generator; total 0 = a generator, count unknown.
+Tag = tuple[tuple[int, int], ...]
+
+
+class Item:
+    """One value travelling along an edge on behalf of one request."""
+
+    __slots__ = ("port", "req", "tag", "value")
+
+    def __init__(self, req: Request, value: Any, tag: Tag = (), port: int = 0) -> None:
+        self.req = req
+        self.value = value
+        self.tag = tag
+        self.port = port
+
+
+class RequestCounters:
+    """Outcome counts; ``submitted == succeeded + failed + cancelled + in_flight``."""
+
+    __slots__ = ("cancelled", "failed", "submitted", "succeeded", "timed_out")
+
+    def __init__(self) -> None:
+        self.submitted = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.timed_out = 0  # included in ``cancelled``
+
+    @property
+    def in_flight(self) -> int:
+        return self.submitted - self.succeeded - self.failed - self.cancelled
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "submitted": self.submitted,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "timed_out": self.timed_out,
+            "in_flight": self.in_flight,
+        }
+
+
+class Request:
+    """One input's journey through the graph, and the place its outcome lands.
+
+    ``streaming`` requests keep their outputs in a bounded buffer read by the caller's
+    ``async for``; others keep them in a list returned by ``run``.
+    """
+
+    __slots__ = (
+        "_buffer_limit",
+        "_cleanups",
+        "_on_finish",
+        "_reader",
+        "_writers",
+        "backend",
+        "deadline",
+        "error",
+        "id",
+        "outputs",
+        "outstanding",
+        "params",
+        "state",
+        "streaming",
+    )
+
+    def __init__(
+        self,
+        rid: int,
+        backend: Backend,
+        params: dict[str, Any],
+        on_finish: Callable[[Request], None],
+        *,
+        streaming: bool = False,
+        buffer: int = 16,
+        deadline: float = math.inf,
+    ) -> None:
+        self.id = rid
+        self.backend = backend
+        self.params = params
+        self.state = PENDING
+        self.error: BaseException | None = None
+        self.outstanding = 1
+        self.outputs: deque[Any] = deque()
+        self.streaming = streaming
+        self.deadline = deadline
+        self._buffer_limit = buffer
+        self._reader: deque[Any] = deque()  # the caller waiting for outputs or the end
+        self._writers: deque[Any] = deque()  # the sink waiting for buffer room
+        self._cleanups: list[Callable[[], None]] | None = None
+        self._on_finish = on_finish
+
+    def __repr__(self) -> str:
+        return f"<Request {self.id} {STATE_NAMES[self.state]}>"
+
+    @property
+    def done(self) -> bool:
+        return self.state != PENDING
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the request ends (drop gathered parts, cancel a scope...)."""
+        if self.state != PENDING:
+            fn()
+            return
+        if self._cleanups is None:
+            self._cleanups = []
+        self._cleanups.append(fn)
+
+    # -- ending --------------------------------------------------------------------
+    def finish(self, state: int, error: BaseException | None = None) -> bool:
+        """End the request; True if this call ended it, False if it had already ended."""
+        if self.state != PENDING:
+            return False
+        self.state = state
+        self.error = error
+        if state != SUCCEEDED and not self.streaming:
+            self.outputs.clear()
+        self._on_finish(self)
+        cleanups, self._cleanups = self._cleanups, None
+        if cleanups:
+            for fn in cleanups:
+                fn()
+        backend = self.backend
+        backend.wake_all(self._reader)
+        backend.wake_all(self._writers)
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        return self.finish(FAILED, error)
+
+    def cancel(self, error: BaseException | None = None) -> bool:
+        return self.finish(CANCELLED, error)
+
+    # -- outputs -------------------------------------------------------------------
+    def deliver(self, value: Any) -> bool:
+        """Accept one output from the sink; False if a stream's buffer is full."""
+        if self.state != PENDING:
+            self.outstanding -= 1
+            return True
+        outputs = self.outputs
+        if self.streaming and len(outputs) >= self._buffer_limit:
+            return False
+        outputs.append(value)
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.finish(SUCCEEDED)
+        elif self._reader:
+            self.backend.wake(self._reader)
+        return True
+
+    def release(self, count: int = 1) -> None:
+        """``count`` items of this request were dropped or consumed without output."""
+        self.outstanding -= count
+        if self.outstanding == 0 and self.state == PENDING:
+            self.finish(SUCCEEDED)
+
+    async def wait_room(self) -> None:
+        """Wait until a stream's buffer has room or the request ended (sink side)."""
+        while self.state == PENDING and len(self.outputs) >= self._buffer_limit:
+            await self.backend.park(self._writers)
+
+    async def wait_done(self) -> None:
+        """Wait until the request ended (caller side of ``run``)."""
+        while self.state == PENDING:
+            await self.backend.park(self._reader)
+
+    async def next_output(self) -> tuple[bool, Any]:
+        """Wait for the next output of a stream: ``(True, value)`` or ``(False, None)``
+        at the end. Raises the request's error if it failed or was cancelled."""
+        outputs = self.outputs
+        while True:
+            if outputs:
+                value = outputs.popleft()
+                if self._writers:
+                    self.backend.wake(self._writers)
+                return True, value
+            if self.state != PENDING:
+                if self.state == SUCCEEDED:
+                    return False, None
+                raise self.outcome_error()
+            await self.backend.park(self._reader)
+
+    def outcome_error(self) -> BaseException:
+        error = self.error
+        if error is None:
+            return DataflowError(f"request {self.id} was cancelled")
+        return error
+
+
+class Sink:
+    """The graph's exit: hands the sink node's outputs to their requests."""
+
+    __slots__ = ("stats_items",)
+
+    def __init__(self) -> None:
+        self.stats_items = 0
+
+    def put_nowait(self, item: Item) -> bool:
+        self.stats_items += 1
+        if item.req.deliver(item.value):
+            return True
+        self.stats_items -= 1
+        return False
+
+    async def send(self, item: Item) -> None:
+        req = item.req
+        while not req.deliver(item.value):
+            await req.wait_room()
+        self.stats_items += 1
+
+
+class Deadlines:
+    """Expires requests at their deadlines: one task for the whole engine.
+
+    The deadline belongs to the request, not to the caller's wait, so a result arriving
+    at the same moment as the deadline ends the request exactly one way and the caller
+    sees that way.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._heap: list[tuple[float, int, Request]] = []
+        self._waiters: deque[Any] = deque()
+        self._live = 0
+
+    def add(self, req: Request) -> None:
+        heap = self._heap
+        if len(heap) > 64 and len(heap) > 4 * self._live:
+            # Most entries belong to requests that already ended: drop them.
+            self._heap = heap = [e for e in heap if e[2].state == PENDING]
+            heapq.heapify(heap)
+            self._live = len(heap)
+        earliest = heap[0][0] if heap else math.inf
+        heapq.heappush(heap, (req.deadline, req.id, req))
+        self._live += 1
+        if req.deadline < earliest:
+            self.backend.wake(self._waiters)
+
+    async def run(self) -> None:
+        """Expire requests forever (until cancelled with the engine's task group)."""
+        import anyio
+
+        heap = self._heap
+        while True:
+            heap = self._heap
+            now = self.backend.time()
+            while heap and heap[0][0] <= now:
+                _, _, req = heapq.heappop(heap)
+                self._live -= 1
+                if req.state == PENDING:
+                    req.finish(CANCELLED, TimeoutError(f"request {req.id} passed its deadline"))
+            delay = heap[0][0] - now if heap else math.inf
+            with anyio.move_on_after(delay):
+                await self.backend.park(self._waiters)

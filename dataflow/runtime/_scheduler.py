@@ -1,0 +1,111 @@
+"""The scheduler: wires a validated graph into channels and node runners, and owns them.
+
+Every node gets one input channel (shared by all its upstream edges); each node's
+outputs are its downstream nodes' input channels, or the :class:`Sink` for the exit
+node. Workers are started in the engine's task group; the end of input flows from the
+source channel through every node as each node's last worker closes its outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio.abc
+
+from .._errors import GraphError
+from ..graph import Graph, Plan, resolve
+from ._backend import Backend
+from ._channel import Channel
+from ._request import Item, Sink
+from ._worker import NodeRunner, Output
+from .executors._thread import default_intra_op_threads
+
+__all__ = ["Scheduler"]
+
+
+class Scheduler:
+    """Owns the channels, runners and threads of one running graph."""
+
+    def __init__(self, graph: Graph, plan: Plan, backend: Backend) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.backend = backend
+        nodes = graph.nodes
+        self.placements = {name: resolve(nodes[name]) for name in plan.order}
+        for name, placement in self.placements.items():
+            if placement == "ray":
+                raise GraphError(
+                    f"node {name!r}: placement 'ray' is not available in this build",
+                    nodes=(name,),
+                )
+        thread_replicas = sum(nodes[n].replicas for n, p in self.placements.items() if p != "loop")
+        default_threads = default_intra_op_threads(thread_replicas)
+        self.inboxes: dict[str, Channel[Item]] = {
+            name: Channel(
+                backend,
+                nodes[name].input_capacity,
+                senders=max(1, len(plan.upstream[name])),
+                name=name,
+            )
+            for name in plan.order
+        }
+        self.sink = Sink()
+        self.runners: dict[str, NodeRunner] = {}
+        for name in plan.order:
+            node = nodes[name]
+            outputs: list[Output] = [
+                (self.inboxes[d], plan.upstream[d].index(name)) for d in plan.downstream[name]
+            ] or [(self.sink, 0)]
+            placement = self.placements[name]
+            self.runners[name] = NodeRunner(
+                node,
+                placement,
+                backend,
+                self.inboxes[name],
+                outputs,
+                fan_in=len(plan.upstream[name]),
+                intra_op_threads=(
+                    None if placement == "loop" else (node.threads or default_threads)
+                ),
+            )
+        self._started: list[NodeRunner] = []
+
+    @property
+    def source(self) -> Channel[Item]:
+        return self.inboxes[self.plan.source]
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """Create every replica (running ``setup()``), then start the workers.
+
+        Raises:
+            NodeError: a node could not start; the replicas already made are stopped.
+        """
+        try:
+            for name in self.plan.order:
+                runner = self.runners[name]
+                self._started.append(runner)
+                await runner.start()
+        except BaseException:
+            await self.stop()
+            raise
+        for runner in self.runners.values():
+            for index in range(runner.worker_count()):
+                tg.start_soon(runner.run_worker, index, name=f"dataflow:{runner.name}:{index}")
+
+    async def stop(self) -> None:
+        """Tear down replicas and join every thread."""
+        started, self._started = self._started, []
+        for runner in reversed(started):
+            await runner.stop()
+
+    def close_input(self) -> None:
+        self.source.close_sender()
+
+    def items_inside(self) -> int:
+        """Items held by the graph right now (in channels and merges), for tests and stats."""
+        return sum(len(ch) for ch in self.inboxes.values()) + sum(
+            r.pending_parts() for r in self.runners.values()
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"placements": dict(self.placements)}

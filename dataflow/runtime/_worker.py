@@ -1,0 +1,480 @@
+"""Node workers: take items from a node's input channel, run the body, emit outputs.
+
+One :class:`NodeRunner` per node owns the node's replicas (instances, threads) and
+starts one worker coroutine per replica. Workers take every ready item at once and only
+suspend when the input is empty or an output is full, so a hop costs a few attribute
+lookups rather than a trip through the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._errors import NodeError
+from ..graph import Node
+from ._channel import Channel
+from ._request import FAILED, PENDING, Item, Request, Sink, Tag
+from .executors._thread import ThreadReplica
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+
+__all__ = ["NodeRunner", "NodeStats", "Output"]
+
+Output = tuple[Channel[Item] | Sink, int]  # (where to, port at the receiving node)
+
+_END = object()
+_TAKE = 64  # most items one worker takes from its input at once
+_FAIR = 256  # items processed without suspending before yielding to the loop
+
+
+class NodeStats:
+    """Per-node counters (times in seconds)."""
+
+    __slots__ = (
+        "batch_sizes",
+        "batch_wait",
+        "busy_s",
+        "cancelled",
+        "failed",
+        "items_in",
+        "items_out",
+        "service",
+        "started",
+    )
+
+    def __init__(self, replicas: int) -> None:
+        self.items_in = 0
+        self.items_out = 0
+        self.failed = 0
+        self.cancelled = 0  # items dropped because their request had already ended
+        self.busy_s = [0.0] * replicas
+        self.service: deque[float] = deque(maxlen=2048)
+        self.started = time.perf_counter()
+        self.batch_sizes: Counter[int] = Counter()
+        self.batch_wait: deque[float] = deque(maxlen=2048)
+
+
+def _node_error(node: str, req: Request, exc: BaseException) -> NodeError:
+    err = NodeError(node, req.id, exc)
+    err.__cause__ = exc
+    return err
+
+
+class _Gather:
+    """A merge's pending parts for one request: tag prefix -> (expected, parts)."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self) -> None:
+        self.groups: dict[Tag, tuple[int, dict[int, Any]]] = {}
+
+
+class NodeRunner:
+    """Executes one node of a running graph."""
+
+    def __init__(
+        self,
+        node: Node,
+        placement: str,
+        backend: Backend,
+        inbox: Channel[Item],
+        outputs: list[Output],
+        *,
+        fan_in: int,
+        intra_op_threads: int | None,
+    ) -> None:
+        self.node = node
+        self.name = node.name
+        self.placement = placement
+        self.backend = backend
+        self.inbox = inbox
+        self.outputs = outputs
+        self.fan_in = fan_in
+        self.intra_op_threads = intra_op_threads
+        self.replicas = node.replicas
+        self.stats = NodeStats(self.replicas)
+        self._bodies: list[Callable[..., Any]] = []
+        self._instances: list[Any] = []
+        self._threads: list[ThreadReplica | None] = []
+        self._params = node.info.params
+        self._all_params = node.info.accepts_any_param
+        self._gather: dict[int, _Gather] = {}
+        self._running = self.replicas  # workers still running; the last closes the outputs
+        # Reordering across replicas (ordered=True, replicas > 1).
+        self._ordered = node.ordered and self.replicas > 1 and node.kind != "merge"
+        self._seq = 0
+        self._head = 0
+        self._slots: dict[int, list[Item]] = {}
+        self._flushing = False
+        self._window = max(2 * self.replicas, 4)
+        self._window_waiters: deque[Any] = deque()
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        """Create replicas: threads, per-replica instances and their ``setup()``.
+
+        Raises:
+            NodeError: ``setup()`` or the constructor raised.
+        """
+        body = self.node.body
+        shared_setup_done = False
+        for index in range(self.replicas):
+            thread: ThreadReplica | None = None
+            if self.placement == "thread" or self.placement.startswith("cuda"):
+                thread = ThreadReplica(
+                    self.backend, f"dataflow:{self.name}:{index}", self.intra_op_threads
+                )
+                thread.start()
+            self._threads.append(thread)
+            try:
+                if self.node.info.per_replica:
+                    instance = await self._on_replica(index, _instantiate, body)
+                    self._instances.append(instance)
+                    target = instance
+                else:
+                    target = body
+                    if not shared_setup_done and callable(getattr(body, "setup", None)):
+                        await self._on_replica(index, body.setup)
+                        self._instances.append(body)
+                    shared_setup_done = True
+            except Exception as exc:
+                err = NodeError(self.name, -1, exc)
+                err.__cause__ = exc
+                raise err from exc
+            self._bodies.append(_wrap_module(target) if self.node.info.is_module else target)
+
+    async def _on_replica(self, index: int, fn: Callable[..., Any], *args: Any) -> Any:
+        thread = self._threads[index]
+        if thread is None:
+            return fn(*args)
+        return await thread.call(fn, *args)
+
+    async def stop(self) -> None:
+        """Run ``teardown()`` and join this node's threads (shielded from cancellation)."""
+        with anyio.CancelScope(shield=True):
+            for index, instance in enumerate(self._instances):
+                teardown = getattr(instance, "teardown", None)
+                if callable(teardown):
+                    with contextlib.suppress(Exception):
+                        await self._on_replica(min(index, len(self._threads) - 1), teardown)
+            for thread in self._threads:
+                if thread is not None:
+                    await thread.stop()
+
+    def worker_count(self) -> int:
+        return self.replicas
+
+    async def run_worker(self, index: int) -> None:
+        """One replica's loop until the input ends; the last one out closes the outputs."""
+        try:
+            node = self.node
+            simple = (
+                node.kind != "merge"
+                and node.info.mode == "function"
+                and self._threads[index] is None
+                and not self._params
+                and not self._all_params
+                and node.timeout is None
+                and node.batch is None
+                and not self._ordered
+                and node.kind != "shard"
+                and len(self.outputs) == 1
+            )
+            if simple:
+                await self._run_simple(index)
+            elif node.batch is not None:
+                from ._batching import run_batching_worker
+
+                await run_batching_worker(self, index)
+            else:
+                await self._run_general(index)
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                for out, _ in self.outputs:
+                    if isinstance(out, Channel):
+                        out.close_sender()
+
+    # -- the fast path: a sync function on the loop, one output ----------------------
+    async def _run_simple(self, index: int) -> None:
+        inbox = self.inbox
+        out, port = self.outputs[0]
+        fn = self._bodies[index]
+        stats = self.stats
+        name = self.name
+        since_park = 0
+        perf = time.perf_counter
+        while True:
+            items = inbox.take(_TAKE)
+            if not items:
+                if not await inbox.wait_readable():
+                    return
+                since_park = 0
+                continue
+            start = perf()
+            n = 0
+            for it in items:
+                req = it.req
+                if req.state != PENDING:
+                    stats.cancelled += 1
+                    continue
+                try:
+                    it.value = fn(it.value)
+                except Exception as exc:
+                    stats.failed += 1
+                    req.fail(_node_error(name, req, exc))
+                    continue
+                n += 1
+                it.port = port
+                if not out.put_nowait(it):
+                    await out.send(it)
+                    since_park = 0
+            elapsed = perf() - start
+            stats.items_in += len(items)
+            stats.items_out += n
+            stats.busy_s[index] += elapsed
+            if n:
+                stats.service.append(elapsed / len(items))
+            since_park += len(items)
+            if since_park >= _FAIR:
+                since_park = 0
+                await anyio.lowlevel.checkpoint()
+
+    # -- everything else ---------------------------------------------------------------
+    async def _run_general(self, index: int) -> None:
+        inbox = self.inbox
+        since_park = 0
+        while True:
+            if self._ordered:
+                while self._seq - self._head >= self._window:
+                    await self.backend.park(self._window_waiters)
+            items = inbox.take(1 if (self._ordered or self.replicas > 1) else _TAKE)
+            if not items:
+                if not await inbox.wait_readable():
+                    return
+                since_park = 0
+                continue
+            for it in items:
+                self.stats.items_in += 1
+                if self._ordered:
+                    seq = self._seq
+                    self._seq += 1
+                    outs: list[Item] = []
+                    await self._process(index, it, outs.append)
+                    await self._deposit(seq, outs)
+                else:
+                    await self._process(index, it, None)
+            since_park += len(items)
+            if since_park >= _FAIR:
+                since_park = 0
+                await anyio.lowlevel.checkpoint()
+
+    async def _process(self, index: int, it: Item, collect: Callable[[Item], None] | None) -> None:
+        """Run the body on one item and emit (or collect) what it produces."""
+        req = it.req
+        if req.state != PENDING:
+            self.stats.cancelled += 1
+            return
+        node = self.node
+        kw = self._kwargs(req)
+        start = time.perf_counter()
+        try:
+            if node.kind == "merge":
+                await self._merge(index, it, kw, collect)
+            elif node.kind == "shard":
+                parts = await self._call(index, it.value, kw)
+                parts = list(parts)
+                if not parts:
+                    raise ValueError("shard produced no parts")
+                k = len(parts)
+                req.outstanding += k
+                for i, part in enumerate(parts):
+                    await self._emit(Item(req, part, (*it.tag, (i, k))), collect)
+                req.release(1)
+            elif node.info.mode in ("generator", "async_generator"):
+                await self._generate(index, it, kw, collect)
+            else:
+                it.value = await self._call(index, it.value, kw)
+                await self._emit(it, collect)
+        except Exception as exc:
+            self.stats.failed += 1
+            req.fail(_node_error(self.name, req, exc))
+        finally:
+            elapsed = time.perf_counter() - start
+            self.stats.busy_s[index] += elapsed
+            self.stats.service.append(elapsed)
+
+    def _kwargs(self, req: Request) -> dict[str, Any]:
+        if self._all_params:
+            return req.params
+        if not self._params or not req.params:
+            return {}
+        return {k: v for k, v in req.params.items() if k in self._params}
+
+    async def _call(self, index: int, value: Any, kw: dict[str, Any]) -> Any:
+        fn = self._bodies[index]
+        timeout = self.node.timeout
+        with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
+            thread = self._threads[index]
+            if self.node.info.mode == "async":
+                return await fn(value, **kw)
+            if thread is None:
+                return fn(value, **kw)
+            if kw:
+                return await thread.call(_call_kw, fn, value, kw)
+            return await thread.call(fn, value)
+
+    async def _generate(
+        self, index: int, it: Item, kw: dict[str, Any], collect: Callable[[Item], None] | None
+    ) -> None:
+        req = it.req
+        fn = self._bodies[index]
+        thread = self._threads[index]
+        i = 0
+        if self.node.info.mode == "async_generator":
+            agen = fn(it.value, **kw)
+            try:
+                async for value in agen:
+                    if req.state != PENDING:
+                        break
+                    req.outstanding += 1
+                    await self._emit(Item(req, value, (*it.tag, (i, 0))), collect)
+                    i += 1
+            finally:
+                await agen.aclose()
+        else:
+            gen: Iterator[Any] = (
+                fn(it.value, **kw)
+                if thread is None
+                else await thread.call(_call_kw, fn, it.value, kw)
+            )
+            try:
+                while req.state == PENDING:
+                    value = (
+                        next(gen, _END) if thread is None else await thread.call(next, gen, _END)
+                    )
+                    if value is _END:
+                        break
+                    req.outstanding += 1
+                    await self._emit(Item(req, value, (*it.tag, (i, 0))), collect)
+                    i += 1
+            finally:
+                close = getattr(gen, "close", None)
+                if close is not None:
+                    if thread is None:
+                        close()
+                    else:
+                        with anyio.CancelScope(shield=True):
+                            await thread.call(close)
+        req.release(1)
+
+    async def _merge(
+        self, index: int, it: Item, kw: dict[str, Any], collect: Callable[[Item], None] | None
+    ) -> None:
+        req = it.req
+        if self.fan_in > 1:
+            prefix, expected, slot = it.tag, self.fan_in, it.port
+        else:
+            prefix = it.tag[:-1]
+            slot, expected = it.tag[-1]
+        gather = self._gather.get(req.id)
+        if gather is None:
+            gather = self._gather[req.id] = _Gather()
+            req.add_cleanup(lambda: self._drop_gather(req.id))
+        entry = gather.groups.get(prefix)
+        if entry is None:
+            entry = gather.groups[prefix] = (expected, {})
+        parts = entry[1]
+        parts[slot] = it.value
+        if len(parts) < expected:
+            return
+        del gather.groups[prefix]
+        ordered = [parts[i] for i in range(expected)]
+        value = await self._call(index, ordered, kw)
+        req.outstanding += 1
+        await self._emit(Item(req, value, prefix), collect)
+        req.release(expected)
+
+    async def _emit(self, it: Item, collect: Callable[[Item], None] | None) -> None:
+        if collect is not None:
+            collect(it)
+            return
+        await self.emit(it)
+
+    async def emit(self, it: Item) -> None:
+        """Send ``it`` to every output (a copy per extra output: fan-out)."""
+        outputs = self.outputs
+        if it.req.state != PENDING:
+            return
+        self.stats.items_out += 1
+        if len(outputs) == 1:
+            out, port = outputs[0]
+            it.port = port
+            if not out.put_nowait(it):
+                await out.send(it)
+            return
+        it.req.outstanding += len(outputs) - 1
+        for i, (out, port) in enumerate(outputs):
+            copy = it if i == 0 else Item(it.req, it.value, it.tag)
+            copy.port = port
+            if not out.put_nowait(copy):
+                await out.send(copy)
+
+    async def _deposit(self, seq: int, outs: list[Item]) -> None:
+        """Release outputs in input order across replicas (bounded by the window)."""
+        self._slots[seq] = outs
+        if seq != self._head or self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._head in self._slots:
+                for it in self._slots.pop(self._head):
+                    await self.emit(it)
+                self._head += 1
+                self.backend.wake_all(self._window_waiters)
+        finally:
+            self._flushing = False
+
+    def _drop_gather(self, rid: int) -> None:
+        self._gather.pop(rid, None)
+
+    # -- figures --------------------------------------------------------------------------
+    def pending_parts(self) -> int:
+        return sum(len(p) for g in self._gather.values() for _, p in g.groups.values())
+
+    def fail_pending(self, req: Request, exc: BaseException) -> None:
+        if req.state == PENDING:
+            self.stats.failed += 1
+            req.finish(FAILED, _node_error(self.name, req, exc))
+
+
+def _instantiate(cls: type) -> Any:
+    instance = cls()
+    setup = getattr(instance, "setup", None)
+    if callable(setup):
+        setup()
+    return instance
+
+
+def _call_kw(fn: Callable[..., Any], value: Any, kw: dict[str, Any]) -> Any:
+    return fn(value, **kw)
+
+
+def _wrap_module(module: Any) -> Callable[..., Any]:
+    """Call an ``nn.Module`` in eval mode under ``torch.inference_mode``."""
+    import torch
+
+    module.eval()
+
+    def forward(value: Any, **kw: Any) -> Any:
+        with torch.inference_mode():
+            return module(value, **kw)
+
+    return forward

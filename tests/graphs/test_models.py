@@ -1,0 +1,204 @@
+"""The byte-level models behind the ready graphs: slot caches, shipped weights, trainers.
+
+The property that matters for serving is that decoding through a slot cache, one batched
+step at a time with sequences of different lengths sharing a step, gives the same logits as
+running the model over each sequence from scratch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from graphs._lstm_model import LSTMLanguageModel, load_lstm_lm
+from graphs._slots import generate
+from graphs._tiny_lm_model import TinyLM, load_tiny_lm
+from graphs._weights import read_metadata
+
+ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS = ROOT / "graphs" / "weights"
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TinyLM:
+    return load_tiny_lm(WEIGHTS / "tiny_lm.safetensors")
+
+
+@pytest.fixture(scope="module")
+def lstm() -> LSTMLanguageModel:
+    return load_lstm_lm(WEIGHTS / "lstm_lm.safetensors")
+
+
+def _bytes(n: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(32, 127, (n,), generator=generator).tolist()
+
+
+def _last_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits: torch.Tensor = model(torch.tensor([ids]))
+    return logits[0, -1]
+
+
+def test_tiny_lm_prefill_then_steps_match_full_forward(tiny: TinyLM) -> None:
+    seq = _bytes(60, seed=1)
+    cache = tiny.new_cache(max_batch=2)
+    slot = cache.acquire()
+    torch.testing.assert_close(
+        cache.prefill(slot, seq[:7]), _last_logits(tiny, seq[:7]), atol=ATOL, rtol=0
+    )
+    with torch.no_grad():
+        full = tiny(torch.tensor([seq]))[0]
+    for n in range(7, len(seq)):
+        torch.testing.assert_close(cache.step([slot], [seq[n]])[0], full[n], atol=ATOL, rtol=0)
+
+
+def _held_window(held: list[int], new: int, context: int) -> list[int]:
+    # The documented slide: a full slot keeps its last context // 2 ids, then appends.
+    if len(held) == context:
+        held = held[-(context // 2) :]
+    return [*held, new]
+
+
+def test_tiny_lm_slots_of_different_lengths_step_together_and_slide(tiny: TinyLM) -> None:
+    context = tiny.config.context
+    a, b = _bytes(context + 40, seed=2), _bytes(context + 40, seed=3)
+    cache = tiny.new_cache(max_batch=4)
+    # Slot 3 starts near the end of its window so it slides mid-run; slot 1 stays short.
+    held = {3: a[: context - 5], 1: b[:9]}
+    source = {3: a, 1: b}
+    for slot, ids in held.items():
+        cache.prefill(slot, ids)
+    consumed = {3: context - 5, 1: 9}
+    for _ in range(30):
+        slots = [3, 1]
+        new = [source[s][consumed[s]] for s in slots]
+        out = cache.step(slots, new)
+        for row, slot in enumerate(slots):
+            held[slot] = _held_window(held[slot], new[row], context)
+            consumed[slot] += 1
+            assert cache.length(slot) == len(held[slot])
+            expected = _last_logits(tiny, held[slot])
+            torch.testing.assert_close(out[row], expected, atol=ATOL, rtol=0)
+    assert len(held[3]) < context, "slot 3 should have slid past the context"
+
+
+def test_tiny_lm_prefill_keeps_last_context_ids(tiny: TinyLM) -> None:
+    context = tiny.config.context
+    prompt = _bytes(context + 50, seed=4)
+    cache = tiny.new_cache(max_batch=1)
+    logits = cache.prefill(0, prompt)
+    assert cache.length(0) == context
+    torch.testing.assert_close(logits, _last_logits(tiny, prompt[-context:]), atol=ATOL, rtol=0)
+
+
+def test_lstm_slots_of_different_lengths_step_together_past_context(
+    lstm: LSTMLanguageModel,
+) -> None:
+    context = lstm.config.context
+    a, b = _bytes(context + 40, seed=5), _bytes(60, seed=6)
+    cache = lstm.new_cache(max_batch=3)
+    torch.testing.assert_close(
+        cache.prefill(2, a[: context - 10]), _last_logits(lstm, a[: context - 10]), atol=ATOL, rtol=0
+    )
+    cache.prefill(0, b[:5])
+    with torch.no_grad():
+        full_a, full_b = lstm(torch.tensor([a]))[0], lstm(torch.tensor([b]))[0]
+    # The recurrent state has no window: slot 2 runs 30 bytes past the training context.
+    for i in range(40):
+        out = cache.step([2, 0], [a[context - 10 + i], b[5 + i]])
+        torch.testing.assert_close(out[0], full_a[context - 10 + i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out[1], full_b[5 + i], atol=ATOL, rtol=0)
+    assert cache.length(2) == context + 30
+
+
+@pytest.mark.parametrize("which", ["tiny", "lstm"])
+def test_freed_slot_is_reused_cleanly_and_misuse_is_refused(
+    which: str, tiny: TinyLM, lstm: LSTMLanguageModel
+) -> None:
+    model: TinyLM | LSTMLanguageModel = tiny if which == "tiny" else lstm
+    cache = model.new_cache(max_batch=2)
+    first, second = cache.acquire(), cache.acquire()
+    assert (first, second) == (0, 1)
+    with pytest.raises(RuntimeError, match="free one first"):
+        cache.acquire()
+    cache.prefill(first, _bytes(50, seed=7))
+    cache.free(first)
+    assert cache.acquire() == first
+    prompt = _bytes(12, seed=8)
+    torch.testing.assert_close(
+        cache.prefill(first, prompt), _last_logits(model, prompt), atol=ATOL, rtol=0
+    )
+    with pytest.raises(ValueError, match="prefill it"):
+        cache.step([second], [65])
+    with pytest.raises(ValueError, match="repeat"):
+        cache.step([first, first], [65, 66])
+    with pytest.raises(ValueError, match="0..255"):
+        cache.step([first], [256])
+    with pytest.raises(ValueError, match="out of range"):
+        cache.prefill(2, [65])
+
+
+@pytest.mark.parametrize(
+    ("name", "loader"),
+    [("tiny_lm", load_tiny_lm), ("lstm_lm", load_lstm_lm)],
+)
+def test_shipped_weights_load_from_metadata_alone(
+    name: str, loader: Callable[[Path], torch.nn.Module]
+) -> None:
+    path = WEIGHTS / f"{name}.safetensors"
+    metadata = read_metadata(path)
+    assert metadata["kind"] == name
+    assert float(metadata["val_bits_per_byte"]) < 3.0
+    model = loader(path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    logits = _last_logits(model, list(b"def main("))
+    assert logits.shape == (256,)
+    assert torch.isfinite(logits).all()
+
+
+def test_generate_streams_bytes_and_frees_its_slot(tiny: TinyLM) -> None:
+    cache = tiny.new_cache(max_batch=1)
+    out = bytes(generate(cache, b"def main(", 16, temperature=0.8, seed=1))
+    assert len(out) == 16
+    assert cache.acquire() == 0
+
+
+def _load_script(name: str) -> ModuleType:
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("script", "loader"),
+    [("train_tiny_lm", load_tiny_lm), ("train_lstm_lm", load_lstm_lm)],
+)
+def test_training_script_runs_end_to_end(
+    script: str, loader: Callable[[Path], torch.nn.Module], tmp_path: Path
+) -> None:
+    threads = torch.get_num_threads()
+    out, curve = tmp_path / "w.safetensors", tmp_path / "curve.json"
+    argv = ["--steps", "3", "--max-files", "5", "--batch", "4", "--eval-windows", "4"]
+    try:
+        result = _load_script(script).main([*argv, "--out", str(out), "--curve", str(curve)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.steps == 3
+    metadata = read_metadata(out)
+    assert metadata["steps"] == "3"
+    assert "--max-files 5" in metadata["command"]
+    summary = json.loads(curve.read_text())
+    assert summary["points"][-1]["step"] == 3
+    logits = _last_logits(loader(out), [65, 66])
+    assert torch.isfinite(logits).all()
