@@ -12,7 +12,6 @@ import math
 import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from functools import partial
 from types import TracebackType
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ import anyio.abc
 from ._errors import EngineClosed, InvalidRequest, Overloaded
 from .graph import Graph
 from .runtime._backend import Backend, current_backend
+from .runtime._channel import BrokenChannel
 from .runtime._request import (
     CANCELLED,
     SUCCEEDED,
@@ -169,7 +169,7 @@ class Engine:
             if self._live:
                 # Cancelling: do not wait for bodies that may never return.
                 self._tg.cancel_scope.cancel()
-            self._scheduler.close_input()
+            self._scheduler.close_input(cancel=bool(self._live) or exc_type is not None)
             if self._deadline_scope is not None:
                 self._deadline_scope.cancel()
             try:
@@ -275,9 +275,12 @@ class Engine:
         source = self._scheduler.source
         if not source.put_nowait(item):
             try:
-                with anyio.CancelScope() as scope:
-                    req.add_cleanup(scope.cancel)
+                with anyio.fail_after(None if timeout is None else deadline - backend.time()):
                     await source.send(item)
+            except TimeoutError as exc:
+                req.cancel(exc)  # the deadline passed while waiting for room
+            except BrokenChannel:
+                req.cancel(EngineClosed(f"engine closed before request {req.id} entered"))
             except BaseException:
                 req.cancel()
                 raise
@@ -349,8 +352,9 @@ class Engine:
         Args:
             inputs: a sync or async iterable.
             ordered: yield results in input order (True) or as they finish.
-            window: the most of this call's requests in flight (default: ``max_in_flight``
-                or twice the entry node's capacity).
+            window: the most of this call's requests in flight (default: ``max_in_flight``,
+                or as many items as the graph's channels and replicas can hold, so that
+                every stage can be busy).
             timeout: per-request deadline in seconds.
             return_exceptions: yield a failed request's exception instead of raising it.
             **params: per-request parameters for every input.
@@ -361,7 +365,7 @@ class Engine:
         self._check_params(params)
         if window is None:
             assert self._scheduler is not None
-            window = self.max_in_flight or 2 * self._scheduler.source.capacity
+            window = self.max_in_flight or self._scheduler.holding_capacity()
         if window < 1:
             raise ValueError("window must be >= 1")
         return MapStream(self, inputs, ordered, window, timeout, return_exceptions, params)
@@ -513,7 +517,7 @@ class MapStream:
                         x, self._timeout, True, self._params, streaming=False
                     )
                     self._pending.append(req)
-                    req.add_cleanup(partial(self._on_done, req))
+                    req.watcher = self._on_done
                     continue
                 if not self._pending:
                     self._closed = True
@@ -528,6 +532,8 @@ class MapStream:
     def _on_done(self, req: Request) -> None:
         if not self._ordered:
             self._finished.append(req)
+        elif not self._pending or self._pending[0] is not req:
+            return  # in order: only the head can be yielded next
         if self._waiters:
             backend = self._engine._backend
             assert backend is not None

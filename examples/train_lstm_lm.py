@@ -28,7 +28,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_training_args(
         parser,
         minutes=4.0,
-        lr=3e-3,
+        lr=1e-2,
         out="graphs/weights/lstm_lm.safetensors",
         curve="docs/training/lstm_lm.json",
         eval_every=100,
@@ -39,7 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-layers", type=int, default=defaults.n_layers)
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--context", type=int, default=defaults.context, help="BPTT window")
-    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast")
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast"
+    )
     return parser.parse_args(argv)
 
 
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         kind=KIND,
         context=config.context,
         config=asdict(config),
-        bf16=args.bf16,
+        bf16=not args.no_bf16,
         save=save,
         command=["python", "examples/train_lstm_lm.py", *argv_list],
     )

@@ -51,9 +51,9 @@ class LSTMConfig:
 
     vocab_size: int = 256
     embedding_dim: int = 64
-    hidden_dim: int = 512
+    hidden_dim: int = 384
     n_layers: int = 2
-    dropout: float = 0.1
+    dropout: float = 0.0
     context: int = 128
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from ._request import PENDING, Item
 if TYPE_CHECKING:
     from ._worker import NodeRunner
 
-__all__ = ["collate", "run_batching_worker", "split"]
+__all__ = ["collate", "run_batch", "run_batching_worker", "split"]
 
 
 def collate(batch: Batch, values: list[Any]) -> Any:
@@ -73,9 +73,10 @@ def _default_split(output: Any, n: int) -> list[Any]:
     )
 
 
-def _run_batch(
+def run_batch(
     fn: Callable[..., Any], batch: Batch, values: list[Any], kw: dict[str, Any]
 ) -> list[Any]:
+    """Collate, call ``fn`` once, split: runs where the replica runs."""
     return split(batch, fn(collate(batch, values), **kw), len(values))
 
 
@@ -133,15 +134,11 @@ async def _execute(runner: NodeRunner, index: int, items: list[Item]) -> None:
     batch = runner.node.batch
     assert batch is not None
     kw = runner._kwargs(items[0].req)
-    fn = runner._bodies[index]
-    thread = runner._threads[index]
+    replica = runner.replica_objs[index]
     values = [it.value for it in items]
     start = time.perf_counter()
     try:
-        if thread is None:
-            outputs = _run_batch(fn, batch, values, kw)
-        else:
-            outputs = await thread.call(_run_batch, fn, batch, values, kw)
+        outputs = await replica.call_batch(batch, values, kw)
     except Exception as exc:
         runner.stats.busy_s[index] += time.perf_counter() - start
         if len(items) == 1:

@@ -98,8 +98,19 @@ class Scheduler:
         for runner in reversed(started):
             await runner.stop()
 
-    def close_input(self) -> None:
+    def close_input(self, *, cancel: bool = False) -> None:
+        """No more requests: the end flows through the graph. With ``cancel``, callers
+        still waiting to enter are refused at once."""
         self.source.close_sender()
+        if cancel:
+            self.source.close_receiver()
+
+    def holding_capacity(self) -> int:
+        """How many items the graph can hold at once: every channel full, every replica
+        busy. A window this large keeps every stage of a pipeline busy."""
+        return sum(ch.capacity for ch in self.inboxes.values()) + sum(
+            r.replicas for r in self.runners.values()
+        )
 
     def items_inside(self) -> int:
         """Items held by the graph right now (in channels and merges), for tests and stats."""

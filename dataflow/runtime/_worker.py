@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -20,7 +20,7 @@ from .._errors import NodeError
 from ..graph import Node
 from ._channel import Channel
 from ._request import FAILED, PENDING, Item, Request, Sink, Tag
-from .executors._thread import ThreadReplica
+from .executors import LoopReplica, Replica, make_replica
 
 if TYPE_CHECKING:
     from ._backend import Backend
@@ -29,7 +29,6 @@ __all__ = ["NodeRunner", "NodeStats", "Output"]
 
 Output = tuple[Channel[Item] | Sink, int]  # (where to, port at the receiving node)
 
-_END = object()
 _TAKE = 64  # most items one worker takes from its input at once
 _FAIR = 256  # items processed without suspending before yielding to the loop
 
@@ -100,9 +99,7 @@ class NodeRunner:
         self.intra_op_threads = intra_op_threads
         self.replicas = node.replicas
         self.stats = NodeStats(self.replicas)
-        self._bodies: list[Callable[..., Any]] = []
-        self._instances: list[Any] = []
-        self._threads: list[ThreadReplica | None] = []
+        self.replica_objs: list[Replica] = []
         self._params = node.info.params
         self._all_params = node.info.accepts_any_param
         self._gather: dict[int, _Gather] = {}
@@ -118,55 +115,32 @@ class NodeRunner:
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        """Create replicas: threads, per-replica instances and their ``setup()``.
+        """Create the replicas and build each one's body where it runs.
 
         Raises:
-            NodeError: ``setup()`` or the constructor raised.
+            NodeError: a constructor or ``setup()`` raised (request id -1).
         """
-        body = self.node.body
-        shared_setup_done = False
         for index in range(self.replicas):
-            thread: ThreadReplica | None = None
-            if self.placement == "thread" or self.placement.startswith("cuda"):
-                thread = ThreadReplica(
-                    self.backend, f"dataflow:{self.name}:{index}", self.intra_op_threads
-                )
-                thread.start()
-            self._threads.append(thread)
+            replica = make_replica(
+                self.node,
+                self.placement,
+                index,
+                self.backend,
+                intra_op_threads=self.intra_op_threads,
+            )
+            self.replica_objs.append(replica)
             try:
-                if self.node.info.per_replica:
-                    instance = await self._on_replica(index, _instantiate, body)
-                    self._instances.append(instance)
-                    target = instance
-                else:
-                    target = body
-                    if not shared_setup_done and callable(getattr(body, "setup", None)):
-                        await self._on_replica(index, body.setup)
-                        self._instances.append(body)
-                    shared_setup_done = True
+                await replica.start()
             except Exception as exc:
                 err = NodeError(self.name, -1, exc)
                 err.__cause__ = exc
                 raise err from exc
-            self._bodies.append(_wrap_module(target) if self.node.info.is_module else target)
-
-    async def _on_replica(self, index: int, fn: Callable[..., Any], *args: Any) -> Any:
-        thread = self._threads[index]
-        if thread is None:
-            return fn(*args)
-        return await thread.call(fn, *args)
 
     async def stop(self) -> None:
-        """Run ``teardown()`` and join this node's threads (shielded from cancellation)."""
+        """Tear down every replica (``teardown()``, threads joined); never raises."""
         with anyio.CancelScope(shield=True):
-            for index, instance in enumerate(self._instances):
-                teardown = getattr(instance, "teardown", None)
-                if callable(teardown):
-                    with contextlib.suppress(Exception):
-                        await self._on_replica(min(index, len(self._threads) - 1), teardown)
-            for thread in self._threads:
-                if thread is not None:
-                    await thread.stop()
+            for replica in reversed(self.replica_objs):
+                await replica.stop()
 
     def worker_count(self) -> int:
         return self.replicas
@@ -178,7 +152,7 @@ class NodeRunner:
             simple = (
                 node.kind != "merge"
                 and node.info.mode == "function"
-                and self._threads[index] is None
+                and isinstance(self.replica_objs[index], LoopReplica)
                 and not self._params
                 and not self._all_params
                 and node.timeout is None
@@ -206,20 +180,27 @@ class NodeRunner:
     async def _run_simple(self, index: int) -> None:
         inbox = self.inbox
         out, port = self.outputs[0]
-        fn = self._bodies[index]
+        channel = out if isinstance(out, Channel) else None
+        replica = self.replica_objs[index]
+        assert isinstance(replica, LoopReplica)
+        fn = replica.direct()
         stats = self.stats
         name = self.name
-        since_park = 0
         perf = time.perf_counter
+        # Busy time is taken between suspensions, not per item: two clock reads per
+        # wake-up instead of two per batch keeps the hop cheap.
+        awake = perf()
+        handled = 0
+        since_park = 0
         while True:
             items = inbox.take(_TAKE)
             if not items:
+                self._account(index, awake, handled)
                 if not await inbox.wait_readable():
                     return
-                since_park = 0
+                awake, handled, since_park = perf(), 0, 0
                 continue
-            start = perf()
-            n = 0
+            done: list[Item] = []
             for it in items:
                 req = it.req
                 if req.state != PENDING:
@@ -231,21 +212,42 @@ class NodeRunner:
                     stats.failed += 1
                     req.fail(_node_error(name, req, exc))
                     continue
-                n += 1
-                it.port = port
-                if not out.put_nowait(it):
-                    await out.send(it)
-                    since_park = 0
-            elapsed = perf() - start
-            stats.items_in += len(items)
-            stats.items_out += n
-            stats.busy_s[index] += elapsed
-            if n:
-                stats.service.append(elapsed / len(items))
-            since_park += len(items)
+                done.append(it)
+            n = len(items)
+            stats.items_in += n
+            stats.items_out += len(done)
+            handled += n
+            if port:
+                for it in done:
+                    it.port = port
+            if channel is not None:
+                # Hold what does not fit, as a hand-written stage holds the item it cannot
+                # put yet, and send it when room frees up.
+                room = channel.capacity - len(channel)
+                if len(done) <= room:
+                    channel.put_many(done)
+                else:
+                    channel.put_many(done[:room])
+                    self._account(index, awake, handled)
+                    for it in done[room:]:
+                        await channel.send(it)
+                    awake, handled, since_park = perf(), 0, 0
+            else:
+                for it in done:
+                    if not out.put_nowait(it):
+                        self._account(index, awake, handled)
+                        await out.send(it)
+                        awake, handled, since_park = perf(), 0, 0
+            since_park += n
             if since_park >= _FAIR:
                 since_park = 0
                 await anyio.lowlevel.checkpoint()
+
+    def _account(self, index: int, awake: float, handled: int) -> None:
+        elapsed = time.perf_counter() - awake
+        self.stats.busy_s[index] += elapsed
+        if handled:
+            self.stats.service.append(elapsed / handled)
 
     # -- everything else ---------------------------------------------------------------
     async def _run_general(self, index: int) -> None:
@@ -319,60 +321,27 @@ class NodeRunner:
         return {k: v for k, v in req.params.items() if k in self._params}
 
     async def _call(self, index: int, value: Any, kw: dict[str, Any]) -> Any:
-        fn = self._bodies[index]
+        replica = self.replica_objs[index]
         timeout = self.node.timeout
-        with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
-            thread = self._threads[index]
-            if self.node.info.mode == "async":
-                return await fn(value, **kw)
-            if thread is None:
-                return fn(value, **kw)
-            if kw:
-                return await thread.call(_call_kw, fn, value, kw)
-            return await thread.call(fn, value)
+        if timeout is None:
+            return await replica.call(value, kw)
+        with anyio.fail_after(timeout):
+            return await replica.call(value, kw)
 
     async def _generate(
         self, index: int, it: Item, kw: dict[str, Any], collect: Callable[[Item], None] | None
     ) -> None:
         req = it.req
-        fn = self._bodies[index]
-        thread = self._threads[index]
         i = 0
-        if self.node.info.mode == "async_generator":
-            agen = fn(it.value, **kw)
-            try:
-                async for value in agen:
-                    if req.state != PENDING:
-                        break
-                    req.outstanding += 1
-                    await self._emit(Item(req, value, (*it.tag, (i, 0))), collect)
-                    i += 1
-            finally:
-                await agen.aclose()
-        else:
-            gen: Iterator[Any] = (
-                fn(it.value, **kw)
-                if thread is None
-                else await thread.call(_call_kw, fn, it.value, kw)
-            )
-            try:
-                while req.state == PENDING:
-                    value = (
-                        next(gen, _END) if thread is None else await thread.call(next, gen, _END)
-                    )
-                    if value is _END:
-                        break
-                    req.outstanding += 1
-                    await self._emit(Item(req, value, (*it.tag, (i, 0))), collect)
-                    i += 1
-            finally:
-                close = getattr(gen, "close", None)
-                if close is not None:
-                    if thread is None:
-                        close()
-                    else:
-                        with anyio.CancelScope(shield=True):
-                            await thread.call(close)
+        async with contextlib.aclosing(self.replica_objs[index].iterate(it.value, kw)) as outs:
+            async for value in outs:
+                if req.state != PENDING:
+                    break
+                req.outstanding += 1
+                await self._emit(Item(req, value, (*it.tag, (i, 0))), collect)
+                i += 1
+                if req.state != PENDING:
+                    break
         req.release(1)
 
     async def _merge(
@@ -453,28 +422,3 @@ class NodeRunner:
         if req.state == PENDING:
             self.stats.failed += 1
             req.finish(FAILED, _node_error(self.name, req, exc))
-
-
-def _instantiate(cls: type) -> Any:
-    instance = cls()
-    setup = getattr(instance, "setup", None)
-    if callable(setup):
-        setup()
-    return instance
-
-
-def _call_kw(fn: Callable[..., Any], value: Any, kw: dict[str, Any]) -> Any:
-    return fn(value, **kw)
-
-
-def _wrap_module(module: Any) -> Callable[..., Any]:
-    """Call an ``nn.Module`` in eval mode under ``torch.inference_mode``."""
-    import torch
-
-    module.eval()
-
-    def forward(value: Any, **kw: Any) -> Any:
-        with torch.inference_mode():
-            return module(value, **kw)
-
-    return forward

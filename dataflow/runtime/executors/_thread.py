@@ -14,40 +14,51 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+
+from ...graph import Node
 from .._backend import Backend, ThreadCall
+from ._base import Replica
 
 __all__ = ["ThreadReplica", "default_intra_op_threads"]
-
-_STOP = None
 
 
 def default_intra_op_threads(thread_replicas: int) -> int:
     """Cores shared evenly among all thread replicas of a graph (at least one each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, thread_replicas))
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # pragma: no cover - macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, thread_replicas))
 
 
-class ThreadReplica:
-    """A long-lived worker thread that runs calls handed to it, one at a time."""
+class ThreadReplica(Replica):
+    """A replica whose body lives and runs in its own long-lived thread."""
 
-    def __init__(self, backend: Backend, name: str, intra_op_threads: int | None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        index: int,
+        backend: Backend,
+        *,
+        owns_setup: bool,
+        intra_op_threads: int | None,
+    ) -> None:
+        super().__init__(node, index, owns_setup=owns_setup)
         self.backend = backend
-        self.name = name
         self.intra_op_threads = intra_op_threads
         self._queue: queue.SimpleQueue[ThreadCall | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._stopped = False
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+    async def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._main, name=f"dataflow:{self.node.name}:{self.index}", daemon=True
+        )
         self._thread.start()
+        await super().start()
 
     def _main(self) -> None:
-        if self.intra_op_threads is not None:
-            # torch's intra-op thread count is per thread: set it where the work runs.
-            import torch
-
-            torch.set_num_threads(self.intra_op_threads)
+        self.thread_init()
         get = self._queue.get
         while True:
             call = get()
@@ -55,24 +66,27 @@ class ThreadReplica:
                 return
             call.run()
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in this replica's thread and return its result.
+    def thread_init(self) -> None:
+        """Runs first in the replica's thread: per-thread settings live here."""
+        if self.intra_op_threads is not None:
+            # torch's intra-op thread count is per thread: set it where the work runs.
+            import torch
 
-        Raises whatever ``fn`` raised. If the caller is cancelled the call still
-        completes in the thread and its result is discarded.
-        """
+            torch.set_num_threads(self.intra_op_threads)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self.backend.call_in_thread(self._queue.put, ThreadCall(fn, args))
 
     async def stop(self) -> None:
-        """Let queued calls finish, then end and join the thread."""
-        if self._stopped or self._thread is None:
+        """Tear the body down in its thread, let queued calls finish, join the thread."""
+        thread = self._thread
+        if thread is None:
             return
-        self._stopped = True
-        done = ThreadCall(lambda: None, ())
-        try:
-            await self.backend.call_in_thread(self._queue.put, done)
-        finally:
-            self._queue.put(_STOP)
-            # The thread has run every call before the marker: joining takes no time,
-            # unless a shielded cancellation cut the wait short.
-            self._thread.join()
+        self._thread = None
+        with anyio.CancelScope(shield=True):
+            try:
+                await super().stop()
+                await self._run(lambda: None)  # everything queued before has run
+            finally:
+                self._queue.put(None)
+                thread.join()

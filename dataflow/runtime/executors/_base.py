@@ -1,0 +1,148 @@
+"""Replicas: where one copy of a node's body lives and runs.
+
+A node runs ``replicas`` copies of its body. Each copy is a :class:`Replica` that builds
+the body where it will run (so ``setup()`` loads weights in the replica's own thread,
+device or actor), runs it on single items, batches and generators, and tears it down.
+Subclasses only say *where* a call runs (:meth:`Replica._run`); placements that live
+outside this process (Ray) override the calls themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import anyio
+
+from ...graph import Batch, Node
+
+__all__ = ["LoopReplica", "Replica", "build_body"]
+
+_END = object()
+
+
+def build_body(node: Node, run_setup: bool) -> Callable[..., Any]:
+    """The callable one replica invokes: a fresh instance for a class body (with its
+    ``setup()`` run), the shared body otherwise; ``nn.Module`` calls run in eval mode
+    under ``torch.inference_mode``."""
+    body = node.body
+    if node.info.per_replica:
+        body = body()
+        run_setup = True
+    if run_setup:
+        setup = getattr(body, "setup", None)
+        if callable(setup):
+            setup()
+    if node.info.is_module:
+        return _wrap_module(body)
+    return body  # type: ignore[no-any-return]
+
+
+def _wrap_module(module: Any) -> Callable[..., Any]:
+    import torch
+
+    module.eval()
+
+    def forward(value: Any, **kw: Any) -> Any:
+        with torch.inference_mode():
+            return module(value, **kw)
+
+    forward.__wrapped__ = module  # type: ignore[attr-defined]
+    return forward
+
+
+def _call_kw(fn: Callable[..., Any], value: Any, kw: dict[str, Any]) -> Any:
+    return fn(value, **kw)
+
+
+def _teardown(body: Callable[..., Any]) -> None:
+    target = getattr(body, "__wrapped__", body)
+    teardown = getattr(target, "teardown", None)
+    if callable(teardown):
+        teardown()
+
+
+class Replica:
+    """One copy of a node's body and the place it runs.
+
+    Args:
+        node: the node.
+        index: which replica this is (0-based).
+        owns_setup: run ``setup()``/``teardown()`` of a shared (non-class) body here;
+            true for replica 0 only, so a shared object is set up once.
+    """
+
+    def __init__(self, node: Node, index: int, *, owns_setup: bool) -> None:
+        self.node = node
+        self.index = index
+        self.owns_setup = owns_setup
+        self.body: Callable[..., Any] | None = None
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` where this replica runs and return the result."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Build the body in place (constructor and ``setup()``); raises what they raise."""
+        self.body = await self._run(build_body, self.node, self.owns_setup)
+
+    async def stop(self) -> None:
+        """Run ``teardown()`` where the body lives; never raises."""
+        body = self.body
+        if body is None or not (self.node.info.per_replica or self.owns_setup):
+            return
+        self.body = None
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._run(_teardown, body)
+            except Exception:  # a failing teardown must not hide the engine's own exit
+                pass
+
+    async def call(self, value: Any, kw: dict[str, Any]) -> Any:
+        """The body's result for one input."""
+        assert self.body is not None
+        if self.node.info.mode == "async":
+            return await self.body(value, **kw)
+        return await self._run(_call_kw, self.body, value, kw)
+
+    async def call_batch(self, batch: Batch, values: list[Any], kw: dict[str, Any]) -> list[Any]:
+        """Collate ``values``, call the body once, split its output per input."""
+        from .._batching import run_batch
+
+        assert self.body is not None
+        return await self._run(run_batch, self.body, batch, values, kw)  # type: ignore[no-any-return]
+
+    async def iterate(self, value: Any, kw: dict[str, Any]) -> AsyncGenerator[Any, None]:
+        """The outputs of a generator body, one at a time; closing stops the generator."""
+        assert self.body is not None
+        if self.node.info.mode == "async_generator":
+            agen = self.body(value, **kw)
+            try:
+                async for out in agen:
+                    yield out
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await agen.aclose()
+            return
+        gen = await self._run(_call_kw, self.body, value, kw)
+        try:
+            while True:
+                out = await self._run(next, gen, _END)
+                if out is _END:
+                    return
+                yield out
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._run(gen.close)
+
+
+class LoopReplica(Replica):
+    """Runs the body on the event loop itself (async bodies, cheap sync ones)."""
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def direct(self) -> Callable[..., Any]:
+        """The body for the worker's fast path (sync function, no parameters)."""
+        assert self.body is not None
+        return self.body
