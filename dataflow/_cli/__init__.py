@@ -1,0 +1,1 @@
+"""Subcommands of the ``dataflow`` command, one module each (see ``dataflow.cli``)."""
