@@ -48,13 +48,13 @@ class NodeError(DataflowError):
 
     Attributes:
         node: the name of the node that failed.
-        request_id: the id of the request it failed for.
+        request_id: the id of the request it failed for (None: the node failed to start,
+            its constructor or ``setup()`` raised).
     """
 
-    def __init__(self, node: str, request_id: int, cause: BaseException) -> None:
-        super().__init__(
-            f"node {node!r} failed for request {request_id}: {type(cause).__name__}: {cause}"
-        )
+    def __init__(self, node: str, request_id: int | None, cause: BaseException) -> None:
+        what = "could not start" if request_id is None else f"failed for request {request_id}"
+        super().__init__(f"node {node!r} {what}: {type(cause).__name__}: {cause}")
         self.node = node
         self.request_id = request_id
 
@@ -62,7 +62,7 @@ class NodeError(DataflowError):
         return (_rebuild_node_error, (self.node, self.request_id, str(self)))
 
 
-def _rebuild_node_error(node: str, request_id: int, message: str) -> NodeError:
+def _rebuild_node_error(node: str, request_id: int | None, message: str) -> NodeError:
     err = NodeError.__new__(NodeError)
     DataflowError.__init__(err, message)
     err.node = node

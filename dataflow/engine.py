@@ -120,20 +120,26 @@ class Engine:
         self._state = EngineState.CLOSING  # until started
         backend = self._backend = current_backend()
         self._loop_thread = threading.get_ident()
+        scheduler = self._scheduler = Scheduler(self.graph, self.plan, backend)
+        self._deadlines = Deadlines(backend)
+        try:
+            # Replicas start before the task group exists, so a failing setup() raises
+            # the NodeError itself rather than an exception group.
+            await scheduler.start_replicas()
+        except BaseException:
+            self._state = EngineState.CLOSED
+            raise
         tg = self._tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
-            self._scheduler = Scheduler(self.graph, self.plan, backend)
-            self._deadlines = Deadlines(backend)
-            await self._scheduler.start(tg)
+            scheduler.start_workers(tg)
             await tg.start(self._run_deadlines)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             try:
                 await tg.__aexit__(type(exc), exc, exc.__traceback__)
             finally:
-                if self._scheduler is not None:
-                    await self._scheduler.stop()
+                await scheduler.stop()
                 self._state = EngineState.CLOSED
             raise
         self._state = EngineState.OPEN

@@ -252,13 +252,19 @@ def _build_plan(g: Graph) -> Plan:
         )
 
     marks: dict[str, tuple[str, ...]] = {}
+    # The node behind each mark. Two branches from *different* shards or generators emit
+    # unrelated numbers of items even when their marks read the same, and a fan-in merge
+    # would wait forever for parts that never come.
+    origins: dict[str, tuple[str, ...]] = {}
     for name in order:
         node = nodes[name]
         ups = up[name]
         if not ups:
             incoming: tuple[str, ...] = ()
+            came_from: tuple[str, ...] = ()
         elif len(ups) == 1:
             incoming = marks[ups[0]]
+            came_from = origins[ups[0]]
         else:
             if node.kind != "merge":
                 raise GraphError(
@@ -266,15 +272,16 @@ def _build_plan(g: Graph) -> Plan:
                     f"({', '.join(map(repr, ups))}); only a merge node can gather them",
                     nodes=(name, *ups),
                 )
-            distinct = {marks[u] for u in ups}
+            distinct = {(marks[u], origins[u]) for u in ups}
             if len(distinct) > 1:
                 raise GraphError(
                     f"graph {g.name!r}: merge {name!r} joins branches that emit different "
                     "numbers of items per request (a shard or generator on one branch "
-                    "only); merge inside the branch first",
+                    "only, or a different one on each); merge inside the branch first",
                     nodes=(name, *ups),
                 )
             incoming = marks[ups[0]]
+            came_from = origins[ups[0]]
         if node.kind == "merge":
             if len(ups) == 1:
                 if not incoming:
@@ -290,15 +297,19 @@ def _build_plan(g: Graph) -> Plan:
                         nodes=(name,),
                     )
                 out = incoming[:-1]
+                came_from = came_from[:-1]
             else:
                 out = incoming
         elif node.kind == "shard":
             out = (*incoming, "S")
+            came_from = (*came_from, name)
         elif node.info.mode in ("generator", "async_generator"):
             out = (*incoming, "G")
+            came_from = (*came_from, name)
         else:
             out = incoming
         marks[name] = out
+        origins[name] = came_from
 
     for s, d in g._edges:
         _check_types(g.name, nodes[s], nodes[d], fan_in=len(up[d]) > 1)
@@ -360,7 +371,12 @@ def _check_types(graph: str, src: Node, dst: Node, *, fan_in: bool) -> None:
 
 
 def _fmt(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or repr(tp)
+    # ``list[int].__name__`` is "list" and ``Optional[int].__name__`` is "Optional": only
+    # a plain class is named by its ``__qualname__``; the repr of anything else keeps
+    # its arguments.
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return tp.__qualname__
+    return repr(tp).replace("typing.", "")
 
 
 _NUMERIC = {int: (float, complex), float: (complex,), bool: (int, float, complex)}

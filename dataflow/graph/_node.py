@@ -7,7 +7,9 @@ turns it into workers. Nothing here starts a thread or touches an event loop.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,14 +58,29 @@ class Batch:
     pad_value: float = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_size, int) or self.max_size < 1:
+        if not _is_int(self.max_size) or self.max_size < 1:
             raise GraphError(f"Batch.max_size must be an int >= 1, got {self.max_size!r}")
-        if not isinstance(self.max_wait, int | float) or self.max_wait < 0:
+        if not _is_number(self.max_wait) or not 0 <= self.max_wait < math.inf:
             raise GraphError(f"Batch.max_wait must be seconds >= 0, got {self.max_wait!r}")
         if isinstance(self.collate, str) and self.collate not in ("stack", "pad", "list"):
             raise GraphError(
                 f"Batch.collate must be 'stack', 'pad', 'list' or a callable, got {self.collate!r}"
             )
+        if not isinstance(self.collate, str) and not callable(self.collate):
+            raise GraphError(
+                f"Batch.collate must be 'stack', 'pad', 'list' or a callable, got {self.collate!r}"
+            )
+        if self.split is not None and not callable(self.split):
+            raise GraphError(f"Batch.split must be a callable or None, got {self.split!r}")
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but ``replicas=True`` is a mistake, not a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -180,18 +197,19 @@ class Node:
                 f"'loop', 'thread', 'cuda', 'cuda:N', 'ray', 'auto'",
                 nodes=(self.name,),
             )
-        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool):
+        if not _is_int(self.replicas):
             raise GraphError(f"{where}: replicas must be an int", nodes=(self.name,))
         if self.replicas < 1:
             raise GraphError(f"{where}: replicas must be >= 1", nodes=(self.name,))
-        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
+        if self.capacity is not None and (not _is_int(self.capacity) or self.capacity < 1):
             raise GraphError(f"{where}: capacity must be an int >= 1", nodes=(self.name,))
-        if self.timeout is not None and (
-            not isinstance(self.timeout, int | float) or self.timeout <= 0
-        ):
+        # ``not timeout > 0`` also refuses NaN, which compares false with everything.
+        if self.timeout is not None and (not _is_number(self.timeout) or not self.timeout > 0):
             raise GraphError(f"{where}: timeout must be seconds > 0", nodes=(self.name,))
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise GraphError(f"{where}: threads must be an int >= 1", nodes=(self.name,))
+        if not isinstance(self.ordered, bool):
+            raise GraphError(f"{where}: ordered must be True or False", nodes=(self.name,))
         if self.batch is not None:
             if not isinstance(self.batch, Batch):
                 raise GraphError(f"{where}: batch must be a df.Batch", nodes=(self.name,))
@@ -224,6 +242,8 @@ class Node:
 
 
 def _default_name(body: Any) -> str:
+    while isinstance(body, functools.partial):
+        body = body.func
     name = getattr(body, "__name__", None)
     if name is None:
         name = type(body).__name__
@@ -236,15 +256,33 @@ def _call_target(body: Any) -> Callable[..., Any] | None:
         forward = getattr(body, "forward", None)
         if _is_module_class(body) and forward is not None:
             return forward  # type: ignore[no-any-return]
-        call = getattr(body, "__call__", None)  # noqa: B004
-        return call if call is not object.__call__ else None
-    if inspect.isfunction(body) or inspect.ismethod(body) or inspect.isbuiltin(body):
+        # ``getattr(cls, "__call__")`` would find ``type.__call__`` (which builds an
+        # instance) on every class, so look for a ``__call__`` the class itself defines.
+        if _instances_callable(body):
+            return getattr(body, "__call__")  # type: ignore[no-any-return]  # noqa: B004
+        # A class whose instances are not callable (``str``, a dataclass) is itself the
+        # function: each item is converted by calling the class.
+        return body
+    if (
+        inspect.isfunction(body)
+        or inspect.ismethod(body)
+        or inspect.isbuiltin(body)
+        or isinstance(body, functools.partial)
+    ):
+        # inspect sees through partials: their signature and whether they wrap an
+        # ``async def`` or a generator, which ``type(body).__call__`` would hide.
         return body
     if _is_module(body):
         return body.forward  # type: ignore[no-any-return]
     if callable(body):
         return type(body).__call__
     return None
+
+
+def _instances_callable(cls: type) -> bool:
+    """Whether instances of ``cls`` are callable: a ``__call__`` the class (not ``type``)
+    defines, looked up in the class hierarchy below ``object``."""
+    return any("__call__" in vars(klass) for klass in cls.__mro__[:-1])
 
 
 def _is_module(obj: Any) -> bool:
@@ -275,9 +313,8 @@ def _inspect_body(node: Node) -> BodyInfo:
             f"node {node.name!r}: class {body.__name__} defines no __call__ (or forward)",
             nodes=(node.name,),
         )
-    bound_self = inspect.isclass(body) or not (
-        inspect.isfunction(body) or inspect.ismethod(body) or inspect.isbuiltin(body)
-    )
+    # The target is an unbound ``__call__``/``forward`` whose first parameter is ``self``.
+    bound_self = target is not body
     if inspect.isasyncgenfunction(target):
         mode: Mode = "async_generator"
     elif inspect.iscoroutinefunction(target):
@@ -316,13 +353,17 @@ def _inspect_body(node: Node) -> BodyInfo:
         out_type = hints.get("return", Any)
         if mode in ("generator", "async_generator"):
             out_type = _element_type(out_type)
+        if inspect.isclass(body) and target is body:
+            out_type = body  # calling the class builds an instance of it
     return BodyInfo(
         mode=mode,
         params=frozenset(params),
         accepts_any_param=accepts_any,
         in_type=in_type,
         out_type=out_type,
-        per_replica=inspect.isclass(body),
+        per_replica=inspect.isclass(body) and (
+            _instances_callable(body) or _is_module_class(body)
+        ),
         is_module=_is_module(body) or (inspect.isclass(body) and _is_module_class(body)),
     )
 

@@ -32,23 +32,26 @@ def describe(node: Node) -> str:
     return " · ".join(parts)
 
 
-def _node_id(name: str) -> str:
-    return "n_" + "".join(c if c.isalnum() else "_" for c in name)
+def _node_ids(order: tuple[str, ...]) -> dict[str, str]:
+    # Mermaid ids allow only letters, digits and '_', and names may also hold '.' and
+    # '-': replacing those would draw "a-b" and "a_b" as one box, so number the nodes.
+    return {name: f"n{i}" for i, name in enumerate(order)}
 
 
 def to_mermaid(graph: Graph) -> str:
     lines = ["flowchart LR"]
     nodes = graph.nodes
     plan = graph.plan()
-    lines.append(f"  in(((input))) --> {_node_id(plan.source)}")
+    ids = _node_ids(plan.order)
+    lines.append(f"  in(((input))) --> {ids[plan.source]}")
     for name in plan.order:
         node = nodes[name]
         left, right = _MERMAID_SHAPES[node.kind]
         label = f"{name}<br/>{describe(node)}".replace('"', "'")
-        lines.append(f'  {_node_id(name)}{left}"{label}"{right}')
+        lines.append(f'  {ids[name]}{left}"{label}"{right}')
     for src, dst in graph.edges:
-        lines.append(f"  {_node_id(src)} -->|cap {nodes[dst].input_capacity}| {_node_id(dst)}")
-    lines.append(f"  {_node_id(plan.sink)} --> out(((output)))")
+        lines.append(f"  {ids[src]} -->|cap {nodes[dst].input_capacity}| {ids[dst]}")
+    lines.append(f"  {ids[plan.sink]} --> out(((output)))")
     return "\n".join(lines) + "\n"
 
 
@@ -72,8 +75,10 @@ def to_dot(graph: Graph) -> str:
         f"digraph {_dot_quote(graph.name)} {{",
         "  rankdir=LR;",
         '  node [fontname="Helvetica"];',
-        '  "input" [shape=circle];',
-        '  "output" [shape=doublecircle];',
+        # Parentheses cannot occur in a node name, so a node called "input" stays apart
+        # from the graph's input.
+        '  "(input)" [shape=circle, label="input"];',
+        '  "(output)" [shape=doublecircle, label="output"];',
     ]
     for name in plan.order:
         node = nodes[name]
@@ -82,10 +87,10 @@ def to_dot(graph: Graph) -> str:
             f"  {_dot_quote(name)} [shape={_DOT_SHAPES[node.kind]}, "
             f'label="{label.replace(chr(34), chr(39))}"];'
         )
-    lines.append(f'  "input" -> {_dot_quote(plan.source)};')
+    lines.append(f'  "(input)" -> {_dot_quote(plan.source)};')
     for src, dst in graph.edges:
         cap = nodes[dst].input_capacity
         lines.append(f'  {_dot_quote(src)} -> {_dot_quote(dst)} [label="cap {cap}"];')
-    lines.append(f'  {_dot_quote(plan.sink)} -> "output";')
+    lines.append(f'  {_dot_quote(plan.sink)} -> "(output)";')
     lines.append("}")
     return "\n".join(lines) + "\n"

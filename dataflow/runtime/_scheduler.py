@@ -74,8 +74,8 @@ class Scheduler:
     def source(self) -> Channel[Item]:
         return self.inboxes[self.plan.source]
 
-    async def start(self, tg: anyio.abc.TaskGroup) -> None:
-        """Create every replica (running ``setup()``), then start the workers.
+    async def start_replicas(self) -> None:
+        """Create every replica, running constructors and ``setup()`` where they live.
 
         Raises:
             NodeError: a node could not start; the replicas already made are stopped.
@@ -88,6 +88,9 @@ class Scheduler:
         except BaseException:
             await self.stop()
             raise
+
+    def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start one worker task per replica in ``tg``."""
         for runner in self.runners.values():
             for index in range(runner.worker_count()):
                 tg.start_soon(runner.run_worker, index, name=f"dataflow:{runner.name}:{index}")

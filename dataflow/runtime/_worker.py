@@ -118,7 +118,7 @@ class NodeRunner:
         """Create the replicas and build each one's body where it runs.
 
         Raises:
-            NodeError: a constructor or ``setup()`` raised (request id -1).
+            NodeError: a constructor or ``setup()`` raised (``request_id`` None).
         """
         for index in range(self.replicas):
             replica = make_replica(
@@ -132,7 +132,7 @@ class NodeRunner:
             try:
                 await replica.start()
             except Exception as exc:
-                err = NodeError(self.name, -1, exc)
+                err = NodeError(self.name, None, exc)
                 err.__cause__ = exc
                 raise err from exc
 
