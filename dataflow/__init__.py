@@ -22,7 +22,7 @@ from ._errors import (
     Overloaded,
 )
 from .engine import Engine, EngineState, MapStream, Stream
-from .graph import Batch, Chain, Graph, Node, encode, infer, map, merge, shard
+from .graph import Batch, Chain, Graph, Node, StepModel, encode, generate, infer, map, merge, shard
 
 __all__ = [
     "Batch",
@@ -38,8 +38,10 @@ __all__ = [
     "Node",
     "NodeError",
     "Overloaded",
+    "StepModel",
     "Stream",
     "encode",
+    "generate",
     "infer",
     "map",
     "merge",

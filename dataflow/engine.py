@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 
 from ._errors import EngineClosed, InvalidRequest, Overloaded
+from ._log import logger
 from .graph import Graph
 from .runtime._backend import Backend, current_backend
 from .runtime._channel import BrokenChannel
@@ -32,6 +33,7 @@ from .runtime._request import (
 )
 from .runtime._scheduler import Scheduler
 from .runtime._stats import snapshot
+from .runtime._trace import TraceOption, Tracer, make_tracer, start_tracing
 
 __all__ = ["Engine", "EngineState", "MapStream", "Stream"]
 
@@ -57,6 +59,8 @@ class Engine:
             ``"drain"`` lets them finish, ``"cancel"`` cancels them (they raise
             :class:`EngineClosed`). An exception leaving the block always cancels.
         stream_buffer: outputs a stream holds for a slow reader before the graph waits.
+        trace: record per-request spans (see ``docs/observability.md``): ``True`` keeps
+            them in :attr:`tracer`, a path also writes Perfetto JSON there on exit.
 
     Raises:
         GraphError: the graph is invalid or a placement is unavailable here.
@@ -69,6 +73,7 @@ class Engine:
         max_in_flight: int | None = None,
         shutdown: Literal["drain", "cancel"] = "drain",
         stream_buffer: int = 16,
+        trace: TraceOption = None,
     ) -> None:
         if not isinstance(graph, Graph):
             raise TypeError(f"Engine needs a dataflow Graph, got {type(graph).__name__}")
@@ -92,6 +97,7 @@ class Engine:
         self._next_id = 0
         self._live: dict[int, Request] = {}
         self._admission: deque[Any] = deque()
+        self._admitted = 0  # requests past admission control and not yet ended
         self._idle: deque[Any] = deque()
         self._backend: Backend | None = None
         self._scheduler: Scheduler | None = None
@@ -99,6 +105,8 @@ class Engine:
         self._tg: anyio.abc.TaskGroup | None = None
         self._deadline_scope: anyio.CancelScope | None = None
         self._loop_thread = 0
+        self.tracer: Tracer | None = make_tracer(trace)
+        self._hooks: Tracer | None = None  # the tracer, or a hop logger, or None
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -121,6 +129,7 @@ class Engine:
         backend = self._backend = current_backend()
         self._loop_thread = threading.get_ident()
         scheduler = self._scheduler = Scheduler(self.graph, self.plan, backend)
+        self._hooks = start_tracing(self.tracer, self.graph.name, scheduler)
         self._deadlines = Deadlines(backend)
         try:
             # Replicas start before the task group exists, so a failing setup() raises
@@ -143,6 +152,7 @@ class Engine:
                 self._state = EngineState.CLOSED
             raise
         self._state = EngineState.OPEN
+        logger().info("engine for graph %r started", self.graph.name)
         return self
 
     async def _run_deadlines(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -179,11 +189,16 @@ class Engine:
             if self._deadline_scope is not None:
                 self._deadline_scope.cancel()
             try:
-                suppressed = await self._tg.__aexit__(exc_type, exc, tb)
+                # The block's own exception is not the task group's business: handing it
+                # to __aexit__ would wrap it in an exception group.
+                await self._tg.__aexit__(None, None, None)
             finally:
                 await self._scheduler.stop()
                 self._state = EngineState.CLOSED
-        return bool(suppressed)
+                logger().info("engine for graph %r stopped", self.graph.name)
+                if self.tracer is not None:
+                    self.tracer.close()
+        return False
 
     async def _drain(self) -> None:
         assert self._backend is not None
@@ -230,8 +245,12 @@ class Engine:
         else:
             counters.failed += 1
         del self._live[req.id]
+        if self._hooks is not None:
+            self._hooks.request_end(req)
         backend = self._backend
         assert backend is not None
+        if req.admitted:
+            self._admitted -= 1
         if self._admission:
             backend.wake(self._admission)
         if self._idle and not counters.in_flight:
@@ -251,17 +270,8 @@ class Engine:
         else:
             deadline = math.inf
         limit = self.max_in_flight
-        if limit is not None and self.counters.in_flight >= limit:
-            if not wait:
-                raise Overloaded(
-                    f"engine is at max_in_flight={limit}; retry later or pass wait=True"
-                )
-            with anyio.fail_after(None if timeout is None else deadline - backend.time()):
-                while self.counters.in_flight >= limit:
-                    await backend.park(self._admission)
-                    self._check_open()
-            if self._admission and self.counters.in_flight + 1 < limit:
-                backend.wake(self._admission)
+        if limit is not None and self._admitted >= limit and not wait:
+            raise Overloaded(f"engine is at max_in_flight={limit}; retry later or pass wait=True")
         self._next_id += 1
         req = Request(
             self._next_id,
@@ -274,9 +284,16 @@ class Engine:
         )
         self.counters.submitted += 1
         self._live[req.id] = req
+        if self._hooks is not None:
+            self._hooks.request_start(req)
         if deadline != math.inf:
             assert self._deadlines is not None
             self._deadlines.add(req)
+        if limit is not None:
+            if self._admitted >= limit and not await self._admit(req, limit):
+                return req  # it ended (deadline, shutdown) while waiting for room
+            self._admitted += 1
+            req.admitted = True
         item = Item(req, x)
         source = self._scheduler.source
         if not source.put_nowait(item):
@@ -291,6 +308,31 @@ class Engine:
                 req.cancel()
                 raise
         return req
+
+    async def _admit(self, req: Request, limit: int) -> bool:
+        """Wait until fewer than ``limit`` requests are admitted; False if ``req`` ended
+        first. The request counts as submitted while it waits, so a deadline that expires
+        here is a timed-out request like any other."""
+        backend = self._backend
+        assert backend is not None
+        remaining = None if req.deadline == math.inf else req.deadline - backend.time()
+        try:
+            with anyio.fail_after(remaining):
+                while self._admitted >= limit:
+                    if req.done:
+                        return False
+                    await backend.park(self._admission)
+        except TimeoutError as exc:
+            req.cancel(exc)
+            return False
+        except BaseException:
+            req.cancel()
+            raise
+        if req.done:
+            return False
+        if self._admission and self._admitted + 1 < limit:
+            backend.wake(self._admission)  # room for more than us: pass it on
+        return True
 
     def _outcome(self, req: Request) -> Any:
         if req.state == SUCCEEDED:

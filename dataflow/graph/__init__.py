@@ -6,6 +6,7 @@ executes what is described here.
 
 from __future__ import annotations
 
+from ._generation import StepModel, generate
 from ._graph import Chain, Graph, Plan
 from ._node import Batch, Node, encode, infer, map, merge, shard
 from ._placement import check_available, resolve
@@ -16,8 +17,10 @@ __all__ = [
     "Graph",
     "Node",
     "Plan",
+    "StepModel",
     "check_available",
     "encode",
+    "generate",
     "infer",
     "map",
     "merge",

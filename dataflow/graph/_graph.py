@@ -275,15 +275,16 @@ def _build_plan(g: Graph) -> Plan:
             distinct = {(marks[u], origins[u]) for u in ups}
             if len(distinct) > 1:
                 raise GraphError(
-                    f"graph {g.name!r}: merge {name!r} joins branches that emit different "
-                    "numbers of items per request (a shard or generator on one branch "
-                    "only, or a different one on each); merge inside the branch first",
+                    f"graph {g.name!r}: merge {name!r} joins branches "
+                    f"({', '.join(map(repr, ups))}) that emit different numbers of items "
+                    "per request (a shard or generator on one branch only, or a different "
+                    "one on each); merge inside the branch first",
                     nodes=(name, *ups),
                 )
             incoming = marks[ups[0]]
             came_from = origins[ups[0]]
         if node.kind == "merge":
-            if len(ups) == 1:
+            if len(ups) <= 1:  # an entry merge has nothing to gather either
                 if not incoming:
                     raise GraphError(
                         f"graph {g.name!r}: merge {name!r} has no shard (or fan-out) "
@@ -376,7 +377,7 @@ def _fmt(tp: Any) -> str:
     # its arguments.
     if isinstance(tp, type) and typing.get_origin(tp) is None:
         return tp.__qualname__
-    return repr(tp).replace("typing.", "")
+    return repr(tp).replace("typing.", "").replace("collections.abc.", "")
 
 
 _NUMERIC = {int: (float, complex), float: (complex,), bool: (int, float, complex)}
@@ -396,14 +397,16 @@ def _compatible(produced: Any, expected: Any) -> bool:
         produced = type(None)
     if expected is None:
         expected = type(None)
-    exp_origin = typing.get_origin(expected)
-    if exp_origin in (typing.Union, _UnionType):
-        return any(_compatible(produced, e) for e in typing.get_args(expected))
+    # Split what is produced before what is expected: ``int | None`` fits ``int | None``
+    # because each of its members fits the whole union, not one member of it.
     prod_origin = typing.get_origin(produced)
     if prod_origin in (typing.Union, _UnionType):
         return all(_compatible(p, expected) for p in typing.get_args(produced))
     if prod_origin is typing.Literal:
         return all(_compatible(type(v), expected) for v in typing.get_args(produced))
+    exp_origin = typing.get_origin(expected)
+    if exp_origin in (typing.Union, _UnionType):
+        return any(_compatible(produced, e) for e in typing.get_args(expected))
     p_cls = prod_origin or produced
     e_cls = exp_origin or expected
     if not isinstance(p_cls, type) or not isinstance(e_cls, type):

@@ -161,7 +161,8 @@ class Node:
         return Chain((self,)) >> other
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if inspect.isclass(self.body):
+        # A converter class (no __call__ of its own, e.g. ``str``) is called like a function.
+        if self.info.per_replica:
             raise TypeError(
                 f"node {self.name!r} wraps a class; it is instantiated per replica by the "
                 "engine. Call an instance directly instead."
@@ -260,6 +261,10 @@ def _call_target(body: Any) -> Callable[..., Any] | None:
         # instance) on every class, so look for a ``__call__`` the class itself defines.
         if _instances_callable(body):
             return getattr(body, "__call__")  # type: ignore[no-any-return]  # noqa: B004
+        if hasattr(body, "setup") or hasattr(body, "teardown"):
+            # setup() asks for one instance per replica, but with no __call__ it would
+            # be taken for a converter below and setup() would silently never run.
+            return None
         # A class whose instances are not callable (``str``, a dataclass) is itself the
         # function: each item is converted by calling the class.
         return body
@@ -310,7 +315,8 @@ def _inspect_body(node: Node) -> BodyInfo:
     target = _call_target(body)
     if target is None:
         raise GraphError(
-            f"node {node.name!r}: class {body.__name__} defines no __call__ (or forward)",
+            f"node {node.name!r}: class {body.__name__} has setup()/teardown() but no "
+            "__call__ (or forward) to call once set up",
             nodes=(node.name,),
         )
     # The target is an unbound ``__call__``/``forward`` whose first parameter is ``self``.
@@ -353,8 +359,10 @@ def _inspect_body(node: Node) -> BodyInfo:
         out_type = hints.get("return", Any)
         if mode in ("generator", "async_generator"):
             out_type = _element_type(out_type)
-        if inspect.isclass(body) and target is body:
-            out_type = body  # calling the class builds an instance of it
+    if inspect.isclass(body) and target is body:
+        # Calling the class builds an instance of it, even for builtins such as ``int``
+        # whose signature inspect cannot read.
+        out_type = body
     return BodyInfo(
         mode=mode,
         params=frozenset(params),

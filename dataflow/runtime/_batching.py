@@ -107,11 +107,14 @@ async def run_batching_worker(runner: NodeRunner, index: int) -> None:
         stats.cancelled += len(items) - len(live)
         if not live:
             continue
-        waited = time.perf_counter() - started
+        closed = time.perf_counter()
+        waited = closed - started
+        tracer = runner.tracer
         for group in _by_params(runner, live):
             stats.batch_sizes[len(group)] += 1
             stats.batch_wait.append(waited)
-            await _execute(runner, index, group)
+            bid = None if tracer is None else tracer.batch_wait(runner, index, group, started, closed)
+            await _execute(runner, index, group, bid)
 
 
 def _by_params(runner: NodeRunner, items: list[Item]) -> list[list[Item]]:
@@ -129,7 +132,9 @@ def _by_params(runner: NodeRunner, items: list[Item]) -> list[list[Item]]:
     return list(groups.values())
 
 
-async def _execute(runner: NodeRunner, index: int, items: list[Item]) -> None:
+async def _execute(
+    runner: NodeRunner, index: int, items: list[Item], batch_id: int | None = None
+) -> None:
     """Run one batch; on failure bisect so that only the guilty requests fail."""
     batch = runner.node.batch
     assert batch is not None
@@ -140,17 +145,22 @@ async def _execute(runner: NodeRunner, index: int, items: list[Item]) -> None:
     try:
         outputs = await replica.call_batch(batch, values, kw)
     except Exception as exc:
-        runner.stats.busy_s[index] += time.perf_counter() - start
+        end = time.perf_counter()
+        runner.stats.busy_s[index] += end - start
+        if runner.tracer is not None:
+            runner.tracer.compute(runner, index, [it.req for it in items], start, end, batch_id)
         if len(items) == 1:
             runner.fail_pending(items[0].req, exc)
             return
         half = len(items) // 2
-        await _execute(runner, index, items[:half])
-        await _execute(runner, index, items[half:])
+        await _execute(runner, index, items[:half], batch_id)
+        await _execute(runner, index, items[half:], batch_id)
         return
-    elapsed = time.perf_counter() - start
-    runner.stats.busy_s[index] += elapsed
-    runner.stats.service.append(elapsed)
+    end = time.perf_counter()
+    runner.stats.busy_s[index] += end - start
+    runner.stats.service.append(end - start)
+    if runner.tracer is not None:
+        runner.tracer.compute(runner, index, [it.req for it in items], start, end, batch_id)
     for it, out in zip(items, outputs, strict=True):
         it.value = out
         await runner.emit(it)

@@ -85,14 +85,17 @@ class Request:
         "_reader",
         "_writers",
         "backend",
+        "consumed",
         "deadline",
         "error",
         "id",
+        "on_consume",
         "outputs",
         "outstanding",
         "params",
         "state",
         "streaming",
+        "admitted",
         "watcher",
     )
 
@@ -123,6 +126,11 @@ class Request:
         self._on_finish = on_finish
         # One observer of the end (``Engine.map``), cheaper than a cleanup list.
         self.watcher: Callable[[Request], None] | None = None
+        self.admitted = False  # holds one of the engine's max_in_flight places
+        # Outputs the stream's reader has taken, and who to tell when it takes one: a
+        # generation node parks a slow reader's sequence on these instead of blocking.
+        self.consumed = 0
+        self.on_consume: Callable[[Request], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Request {self.id} {STATE_NAMES[self.state]}>"
@@ -130,6 +138,11 @@ class Request:
     @property
     def done(self) -> bool:
         return self.state != PENDING
+
+    @property
+    def buffer_limit(self) -> int:
+        """The most outputs a stream holds for its reader (the engine's ``stream_buffer``)."""
+        return self._buffer_limit
 
     def add_cleanup(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the request ends (drop gathered parts, cancel a scope...)."""
@@ -208,6 +221,9 @@ class Request:
         while True:
             if outputs:
                 value = outputs.popleft()
+                self.consumed += 1
+                if self.on_consume is not None:
+                    self.on_consume(self)
                 if self._writers:
                     self.backend.wake(self._writers)
                 return True, value

@@ -24,6 +24,7 @@ from .executors import LoopReplica, Replica, make_replica
 
 if TYPE_CHECKING:
     from ._backend import Backend
+    from ._trace import Tracer
 
 __all__ = ["NodeRunner", "NodeStats", "Output"]
 
@@ -112,6 +113,8 @@ class NodeRunner:
         self._flushing = False
         self._window = max(2 * self.replicas, 4)
         self._window_waiters: deque[Any] = deque()
+        # Set by the engine when tracing or hop logging is on; None keeps the fast path.
+        self.tracer: Tracer | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -147,6 +150,9 @@ class NodeRunner:
 
     async def run_worker(self, index: int) -> None:
         """One replica's loop until the input ends; the last one out closes the outputs."""
+        if index == 0:
+            # Busy fractions count from here, not from before setup() (loading weights).
+            self.stats.started = time.perf_counter()
         try:
             node = self.node
             simple = (
@@ -160,9 +166,14 @@ class NodeRunner:
                 and not self._ordered
                 and node.kind != "shard"
                 and len(self.outputs) == 1
+                and self.tracer is None
             )
             if simple:
                 await self._run_simple(index)
+            elif "generation" in node.options:
+                from ._generation import run_generation_worker
+
+                await run_generation_worker(self, index)
             elif node.batch is not None:
                 from ._batching import run_batching_worker
 
@@ -240,8 +251,10 @@ class NodeRunner:
                         awake, handled, since_park = perf(), 0, 0
             since_park += n
             if since_park >= _FAIR:
-                since_park = 0
+                # Other tasks run during the checkpoint: that time is not this node's.
+                self._account(index, awake, handled)
                 await anyio.lowlevel.checkpoint()
+                awake, handled, since_park = perf(), 0, 0
 
     def _account(self, index: int, awake: float, handled: int) -> None:
         elapsed = time.perf_counter() - awake
@@ -284,14 +297,15 @@ class NodeRunner:
         if req.state != PENDING:
             self.stats.cancelled += 1
             return
+        if self.tracer is not None:
+            self.tracer.take(self, index, it)
         node = self.node
         kw = self._kwargs(req)
-        start = time.perf_counter()
         try:
             if node.kind == "merge":
                 await self._merge(index, it, kw, collect)
             elif node.kind == "shard":
-                parts = await self._call(index, it.value, kw)
+                parts = await self._call(index, it.value, kw, req)
                 parts = list(parts)
                 if not parts:
                     raise ValueError("shard produced no parts")
@@ -303,15 +317,11 @@ class NodeRunner:
             elif node.info.mode in ("generator", "async_generator"):
                 await self._generate(index, it, kw, collect)
             else:
-                it.value = await self._call(index, it.value, kw)
+                it.value = await self._call(index, it.value, kw, req)
                 await self._emit(it, collect)
         except Exception as exc:
             self.stats.failed += 1
             req.fail(_node_error(self.name, req, exc))
-        finally:
-            elapsed = time.perf_counter() - start
-            self.stats.busy_s[index] += elapsed
-            self.stats.service.append(elapsed)
 
     def _kwargs(self, req: Request) -> dict[str, Any]:
         if self._all_params:
@@ -320,13 +330,27 @@ class NodeRunner:
             return {}
         return {k: v for k, v in req.params.items() if k in self._params}
 
-    async def _call(self, index: int, value: Any, kw: dict[str, Any]) -> Any:
+    async def _call(self, index: int, value: Any, kw: dict[str, Any], req: Request) -> Any:
         replica = self.replica_objs[index]
         timeout = self.node.timeout
-        if timeout is None:
-            return await replica.call(value, kw)
-        with anyio.fail_after(timeout):
-            return await replica.call(value, kw)
+        start = time.perf_counter()
+        try:
+            if timeout is None:
+                return await replica.call(value, kw)
+            with anyio.fail_after(timeout):
+                return await replica.call(value, kw)
+        finally:
+            self._computed(index, req, start)
+
+    def _computed(self, index: int, req: Request, start: float) -> None:
+        # Busy is the body's time only: a replica blocked handing its output to a full
+        # edge is waiting, not working, or every node upstream of the bottleneck would
+        # look as busy as the bottleneck itself.
+        end = time.perf_counter()
+        self.stats.busy_s[index] += end - start
+        self.stats.service.append(end - start)
+        if self.tracer is not None:
+            self.tracer.compute(self, index, (req,), start, end)
 
     async def _generate(
         self, index: int, it: Item, kw: dict[str, Any], collect: Callable[[Item], None] | None
@@ -334,7 +358,14 @@ class NodeRunner:
         req = it.req
         i = 0
         async with contextlib.aclosing(self.replica_objs[index].iterate(it.value, kw)) as outs:
-            async for value in outs:
+            while True:
+                start = time.perf_counter()
+                try:
+                    value = await anext(outs)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self._computed(index, req, start)
                 if req.state != PENDING:
                     break
                 req.outstanding += 1
@@ -366,7 +397,7 @@ class NodeRunner:
             return
         del gather.groups[prefix]
         ordered = [parts[i] for i in range(expected)]
-        value = await self._call(index, ordered, kw)
+        value = await self._call(index, ordered, kw, req)
         req.outstanding += 1
         await self._emit(Item(req, value, prefix), collect)
         req.release(expected)
@@ -379,8 +410,18 @@ class NodeRunner:
 
     async def emit(self, it: Item) -> None:
         """Send ``it`` to every output (a copy per extra output: fan-out)."""
+        tracer = self.tracer
+        if tracer is None:
+            await self._send(it)
+            return
+        start = time.perf_counter()
+        await self._send(it)
+        tracer.emitted(self, it, start, time.perf_counter())
+
+    async def _send(self, it: Item) -> None:
         outputs = self.outputs
         if it.req.state != PENDING:
+            self.stats.cancelled += 1  # its request ended while the body ran
             return
         self.stats.items_out += 1
         if len(outputs) == 1:

@@ -97,9 +97,7 @@ def from_exception(exc: BaseException, *, model: str, retry_after: float) -> Api
         cause = exc.__cause__
         what = f" ({type(cause).__name__})" if cause is not None else ""
         log.error("model %r: %s", model, exc, exc_info=exc)
-        return ApiError(
-            500, f"model {model!r}: node {exc.node!r} failed{what}", code="node_error"
-        )
+        return ApiError(500, f"model {model!r}: node {exc.node!r} failed{what}", code="node_error")
     if isinstance(exc, EngineClosed):
         return ApiError(503, f"model {model!r} is not running", code="engine_closed")
     if isinstance(exc, DataflowError):

@@ -11,11 +11,14 @@ from collections.abc import Callable
 from ...graph import Node
 from .._backend import Backend
 from ._base import LoopReplica, Replica, build_body
+from ._cuda import CudaReplica
 from ._thread import ThreadReplica, default_intra_op_threads
 
 __all__ = [
+    "CudaReplica",
     "LoopReplica",
     "Replica",
+    "ReplicaFactory",
     "ThreadReplica",
     "build_body",
     "default_intra_op_threads",
@@ -47,3 +50,7 @@ def make_replica(
             node, index, backend, owns_setup=index == 0, intra_op_threads=intra_op_threads
         )
     raise ValueError(f"node {node.name!r}: no executor for placement {placement!r}")
+
+
+# torch.cuda is touched only when a CUDA replica starts, not on import.
+register_placement("cuda", CudaReplica.from_node)
