@@ -260,7 +260,7 @@ def _call_target(body: Any) -> Callable[..., Any] | None:
         # ``getattr(cls, "__call__")`` would find ``type.__call__`` (which builds an
         # instance) on every class, so look for a ``__call__`` the class itself defines.
         if _instances_callable(body):
-            return getattr(body, "__call__")  # type: ignore[no-any-return]  # noqa: B004
+            return body.__call__
         if hasattr(body, "setup") or hasattr(body, "teardown"):
             # setup() asks for one instance per replica, but with no __call__ it would
             # be taken for a converter below and setup() would silently never run.
@@ -369,9 +369,7 @@ def _inspect_body(node: Node) -> BodyInfo:
         accepts_any_param=accepts_any,
         in_type=in_type,
         out_type=out_type,
-        per_replica=inspect.isclass(body) and (
-            _instances_callable(body) or _is_module_class(body)
-        ),
+        per_replica=inspect.isclass(body) and (_instances_callable(body) or _is_module_class(body)),
         is_module=_is_module(body) or (inspect.isclass(body) and _is_module_class(body)),
     )
 

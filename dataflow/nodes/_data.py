@@ -117,10 +117,10 @@ def _check_shapes(parts: Sequence[Any], dim: int | None, what: str) -> None:
             if k != axis
         )
         if not same:
-            rule = "the same shape" if dim is None else f"every dimension except dim {dim}"
+            rule = "have one shape" if dim is None else f"agree on every dimension but dim {dim}"
             raise ValueError(
                 f"{what}: part {i} has shape {tuple(part.shape)} but part 0 has "
-                f"{tuple(first.shape)}; parts must agree on {rule}"
+                f"{tuple(first.shape)}; parts must {rule}"
             )
         if part.device != first.device or part.dtype != first.dtype:
             raise ValueError(

@@ -252,6 +252,11 @@ def split_stages(
         raise GraphError("split_stages: give exactly one of stages= or split_points=")
     if micro_batch is not None and micro_batches is not None:
         raise GraphError("split_stages: give at most one of micro_batch= or micro_batches=")
+    for what, value in (("micro_batch", micro_batch), ("micro_batches", micro_batches)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise GraphError(f"split_stages: {what} must be an int >= 1, got {value!r}")
     if split_points is not None:
         if isinstance(split_points, str | int):
             raise GraphError("split_points must be a list of block indices or names")

@@ -149,7 +149,7 @@ def sample(logits: torch.Tensor, rows: Sequence[Decoding]) -> list[int]:
     picked = logits.argmax(dim=-1)
     hot = [i for i, row in enumerate(rows) if row.temperature > 0]
     if not hot:
-        return picked.tolist()  # type: ignore[no-any-return]
+        return picked.tolist()
     n, vocab = len(hot), logits.shape[-1]
     every = n == len(rows)
     index = None if every else torch.tensor(hot)
@@ -173,9 +173,9 @@ def sample(logits: torch.Tensor, rows: Sequence[Decoding]) -> list[int]:
         row.log_()  # per row, so the kernel sees the same data batched or not
     choice = (x - noise).argmax(dim=-1)
     if index is None:
-        return choice.tolist()  # type: ignore[no-any-return]
+        return choice.tolist()
     picked[index] = choice
-    return picked.tolist()  # type: ignore[no-any-return]
+    return picked.tolist()
 
 
 def _row(logits: Any) -> torch.Tensor:
@@ -288,8 +288,8 @@ class _Worker:
         self.config = config
         replica = runner.replica_objs[index]
         self.replica = replica
-        body = replica.body
-        self.model: StepModel = getattr(body, "model", body)
+        # The node's body is a GenerationBody instance built in the replica's thread.
+        self.model: StepModel = replica.body.model  # type: ignore[union-attr]
         self.inline = isinstance(replica, LoopReplica)
         self.backend = runner.backend
         self.max_batch = config.max_batch

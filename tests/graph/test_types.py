@@ -191,7 +191,13 @@ def chain(*bodies: Any) -> df.Graph:
     nodes = []
     for body in bodies:
         name = body.__name__
-        make = df.shard if name.startswith("split") else df.merge if name.startswith("merge") else df.map
+        make = (
+            df.shard
+            if name.startswith("split")
+            else df.merge
+            if name.startswith("merge")
+            else df.map
+        )
         nodes.append(make(body))
     g = df.Graph("g")
     prev = None

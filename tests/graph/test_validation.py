@@ -47,7 +47,7 @@ def gen(name: str) -> df.Node:
 
 def test_a_cycle_made_with_connect_names_the_nodes_on_it() -> None:
     g = df.Graph("g")
-    a, b, c, d = (g.add(node("a")),) + tuple(node(n) for n in "bcd")
+    a, b, c, d = g.add(node("a")), node("b"), node("c"), node("d")
     g.add(b, a)
     g.add(c, b)
     g.add(d, c)
@@ -217,7 +217,7 @@ def test_fan_in_of_branches_from_one_generator_is_valid() -> None:
 
 def test_a_non_node_passed_to_add() -> None:
     g = df.Graph("g")
-    with pytest.raises(df.GraphError, match="is not a node; wrap it with df.map"):
+    with pytest.raises(df.GraphError, match=r"is not a node; wrap it with df\.map"):
         g.add(lambda x: x)  # type: ignore[arg-type]
 
 
