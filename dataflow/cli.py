@@ -12,7 +12,7 @@ import sys
 
 __all__ = ["main"]
 
-COMMANDS = {
+_COMMANDS = {
     "run": "run a graph on inputs and print what it produces",
     "serve": "serve graphs over HTTP (OpenAI-compatible)",
     "show": "draw a graph (Mermaid, DOT, SVG, PNG)",
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dataflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, help_text in COMMANDS.items():
+    for name, help_text in _COMMANDS.items():
         module = importlib.import_module(f"dataflow._cli.{name}")
         module.add_parser(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)

@@ -298,8 +298,11 @@ class Engine:
         source = self._scheduler.source
         if not source.put_nowait(item):
             try:
-                with anyio.fail_after(None if timeout is None else deadline - backend.time()):
-                    await source.send(item)
+                if timeout is None:
+                    await source.send(item)  # no cancel scope: it costs more than the hop
+                else:
+                    with anyio.fail_after(deadline - backend.time()):
+                        await source.send(item)
             except TimeoutError as exc:
                 req.cancel(exc)  # the deadline passed while waiting for room
             except BrokenChannel:

@@ -88,7 +88,7 @@ async def run_bench(
         except Exception as exc:
             if record:
                 counts["failed"] += 1
-                key = f"{type(exc).__name__}: {exc}"[:200]
+                key = _error_key(exc)
                 errors[key] = errors.get(key, 0) + 1
             return
         if record:
@@ -150,6 +150,16 @@ async def run_bench(
     return report
 
 
+def _error_key(exc: Exception) -> str:
+    """Failures grouped by kind and place, not by request (NodeError names the request)."""
+    from .._errors import NodeError
+
+    cause = exc.__cause__
+    if isinstance(exc, NodeError) and cause is not None:
+        return f"NodeError in {exc.node!r}: {type(cause).__name__}: {cause}"[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
@@ -170,12 +180,14 @@ def print_report(report: dict[str, Any]) -> None:
     if report["streaming"]:
         summary.add_row("outputs", f"{report['outputs_per_s']:.1f} outputs/s")
     lat = report["latency_s"]
-    summary.add_row("latency p50/p90/p99", f"{_ms(lat['p50'])} / {_ms(lat['p90'])} / "
-                    f"{_ms(lat['p99'])} ms")  # fmt: skip
+    summary.add_row(
+        "latency p50/p90/p99", f"{_ms(lat['p50'])} / {_ms(lat['p90'])} / {_ms(lat['p99'])} ms"
+    )
     if report["ttft_s"] is not None:
         t = report["ttft_s"]
-        summary.add_row("first output p50/p90/p99",
-                        f"{_ms(t['p50'])} / {_ms(t['p90'])} / {_ms(t['p99'])} ms")  # fmt: skip
+        summary.add_row(
+            "first output p50/p90/p99", f"{_ms(t['p50'])} / {_ms(t['p90'])} / {_ms(t['p99'])} ms"
+        )
     console.print(summary)
 
     per_node = Table(title="nodes (measured window)")
@@ -185,9 +197,15 @@ def print_report(report: dict[str, Any]) -> None:
     for name, n in report["nodes"].items():
         sizes = ", ".join(f"{k}:{v}" for k, v in n["batch_sizes"].items()) or "-"
         style = "bold red" if name == neck.get("node") else None
-        per_node.add_row(name, f"{n['placement']} x{n['replicas']}", f"{n['busy']:.0%}",
-                         f"{_ms(n['service_p50_s'])} ms", str(n["items_in"]), sizes,
-                         style=style)  # fmt: skip
+        per_node.add_row(
+            name,
+            f"{n['placement']} x{n['replicas']}",
+            f"{n['busy']:.0%}",
+            f"{_ms(n['service_p50_s'])} ms",
+            str(n["items_in"]),
+            sizes,
+            style=style,
+        )
     console.print(per_node)
     if neck:
         console.print(f"bottleneck: [bold]{neck['node']}[/bold] — {neck['reason']}")

@@ -156,12 +156,23 @@ class Tracer:
         if self.record:
             common = {"cat": "request", "id": req.id, "pid": _REQUESTS_PID, "tid": 0}
             name = f"request {req.id}"
-            self._add({**common, "ph": "b", "name": name, "ts": self._us(start),
-                       "args": {"outcome": outcome}})
+            self._add(
+                {
+                    **common,
+                    "ph": "b",
+                    "name": name,
+                    "ts": self._us(start),
+                    "args": {"outcome": outcome},
+                }
+            )
             self._add({**common, "ph": "e", "name": name, "ts": self._us(now)})
         if self.log_hops:
-            extra = {"request_id": req.id, "node": None, "outcome": outcome,
-                     "duration_s": now - start}
+            extra = {
+                "request_id": req.id,
+                "node": None,
+                "outcome": outcome,
+                "duration_s": now - start,
+            }
             self._log.debug("request %s", outcome, extra=extra)
 
     def take(self, runner: NodeRunner, index: int, it: Item) -> None:
@@ -182,9 +193,18 @@ class Tracer:
         node = runner.name
         if self.record:
             tid = self._tids.get((node, index), 0)
-            self._add({"ph": "X", "cat": "node", "name": "batch wait", "pid": _NODES_PID,
-                       "tid": tid, "ts": self._us(start), "dur": round((end - start) * 1e6, 3),
-                       "args": {"batch": bid, "size": len(items)}})
+            self._add(
+                {
+                    "ph": "X",
+                    "cat": "node",
+                    "name": "batch wait",
+                    "pid": _NODES_PID,
+                    "tid": tid,
+                    "ts": self._us(start),
+                    "dur": round((end - start) * 1e6, 3),
+                    "args": {"batch": bid, "size": len(items)},
+                }
+            )
         for it in items:
             rid = it.req.id
             ready = self._ready.get(rid, {}).get(it.tag, start)
@@ -212,28 +232,47 @@ class Tracer:
                 args["batch"] = batch
                 args["size"] = len(rids)
             ts = self._us(start)
-            self._add({"ph": "X", "cat": "node", "name": "compute", "pid": _NODES_PID,
-                       "tid": tid, "ts": ts, "dur": round((end - start) * 1e6, 3),
-                       "args": args})
+            self._add(
+                {
+                    "ph": "X",
+                    "cat": "node",
+                    "name": "compute",
+                    "pid": _NODES_PID,
+                    "tid": tid,
+                    "ts": ts,
+                    "dur": round((end - start) * 1e6, 3),
+                    "args": args,
+                }
+            )
             for rid in rids:
                 if self._span_end(rid, end) is None:
                     continue
-                extra = {} if batch is None else {"batch": batch}
-                self._req_span(rid, f"compute {node}", start, end, node=node, replica=index,
-                               **extra)
+                batch_arg = {} if batch is None else {"batch": batch}
+                self._req_span(
+                    rid, f"compute {node}", start, end, node=node, replica=index, **batch_arg
+                )
                 last = self._last.get(rid)
                 if last is not None:
                     # An arrow from the request's previous compute slice to this one.
                     self._flows += 1
-                    flow = {"cat": "flow", "name": f"request {rid}", "id": self._flows,
-                            "pid": _NODES_PID}
+                    flow = {
+                        "cat": "flow",
+                        "name": f"request {rid}",
+                        "id": self._flows,
+                        "pid": _NODES_PID,
+                    }
                     self._add({**flow, "ph": "s", "tid": last[0], "ts": last[1]})
                     self._add({**flow, "ph": "f", "bp": "e", "tid": tid, "ts": ts})
                 self._last[rid] = (tid, ts)
         if self.log_hops:
             for rid in rids:
-                extra = {"request_id": rid, "node": node, "replica": index,
-                         "duration_s": end - start, "batch": batch}
+                extra: dict[str, Any] = {
+                    "request_id": rid,
+                    "node": node,
+                    "replica": index,
+                    "duration_s": end - start,
+                    "batch": batch,
+                }
                 self._log.debug("computed", extra=extra)
 
     def emitted(self, runner: NodeRunner, it: Item, start: float, end: float) -> None:

@@ -66,8 +66,9 @@ async def test_node_blocked_on_a_full_edge_is_not_busy(placement: str) -> None:
     every node upstream of the bottleneck looked as busy as the bottleneck."""
     fast = _ident("fast", placement=placement)
     slow = _sleeper("thread")
-    graph = df.Graph("blocked", fast >> df.map(slow.body, name="slow", placement="thread",
-                                               capacity=1))  # fmt: skip
+    graph = df.Graph(
+        "blocked", fast >> df.map(slow.body, name="slow", placement="thread", capacity=1)
+    )
     async with df.Engine(graph) as engine:
         before = engine.stats()
         results = [r async for r in engine.map(range(20), window=20)]

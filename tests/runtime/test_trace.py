@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 from collections import defaultdict
@@ -117,7 +118,7 @@ async def test_each_request_has_spans_on_every_node_in_order_inside_its_span() -
         assert computes == order, (rid, hops)
         for name, start, end in hops:
             assert whole[1] <= start <= end <= whole[2], (rid, name)
-        for (n1, _, end1), (n2, start2, _) in zip(hops, hops[1:], strict=False):
+        for (n1, _, end1), (n2, start2, _) in itertools.pairwise(hops):
             assert start2 >= end1 - 0.01, f"request {rid}: {n2} starts before {n1} ends"
         kinds = [name.split(" ", 1)[0] for name, _, _ in hops if name.endswith(" model")]
         assert kinds[-3:] == ["batch", "compute", "emit"]

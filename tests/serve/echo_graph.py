@@ -66,7 +66,9 @@ class Probe:
 def build(gate: Gate | None = None, probe: Probe | None = None, replicas: int = 64) -> df.Graph:
     """The echo graph; ``replicas`` generators run at once (one per stream)."""
 
-    @df.infer(placement="loop", replicas=replicas)
+    # ordered=False: each stream keeps its own order (one replica runs it), and an ordered
+    # node with several replicas holds a generator's outputs until it ends.
+    @df.infer(placement="loop", replicas=replicas, ordered=False)
     async def echo(
         prompt: str,
         max_new_tokens: int | None = None,

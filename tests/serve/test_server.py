@@ -190,8 +190,9 @@ async def test_overloaded_is_429_with_retry_after(serve: Any, echo: ModuleType) 
             assert_error(resp, 429, "rate_limit_error")
             assert resp.headers["retry-after"] == "3"
             assert resp.json()["error"]["code"] == "overloaded"
-            with pytest.raises(openai.RateLimitError):
-                await client(server).completions.create(model="echo", prompt="x", stream=True)
+            async with client(server) as oai:
+                with pytest.raises(openai.RateLimitError):
+                    await oai.completions.create(model="echo", prompt="x", stream=True)
             gate.open()
         assert first["text"] == "held"
 
@@ -226,12 +227,11 @@ async def test_node_failure_is_500_without_traceback(serve: Any, echo: ModuleTyp
         assert [e["choices"][0]["text"] for e in evs[:2]] == ["a", "b"]
         assert evs[2]["error"]["type"] == "server_error" and evs[3] == "[DONE]"
         assert "Traceback" not in resp.text
-        with pytest.raises(openai.APIError):
-            stream = await client(server).completions.create(
-                model="echo", prompt="ab#cd", stream=True
-            )
-            async for _ in stream:
-                pass
+        async with client(server) as oai:
+            with pytest.raises(openai.APIError):
+                stream = await oai.completions.create(model="echo", prompt="ab#cd", stream=True)
+                async for _ in stream:
+                    pass
         # the engine keeps serving
         resp = await http.post(url, json={"model": "echo", "prompt": "ok"})
         assert resp.json()["choices"][0]["text"] == "ok"
