@@ -12,6 +12,7 @@ stable when files are added or removed elsewhere in the tree.
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,11 +51,13 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
         the file system's directory order.
     """
     base = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
-    files = [
-        path.relative_to(base)
-        for path in base.rglob("*.py")
-        if path.is_file() and not EXCLUDED_DIRS.intersection(path.relative_to(base).parts[:-1])
-    ]
+    files: list[Path] = []
+    for directory, subdirs, names in os.walk(base):
+        # Pruning in place keeps os.walk out of excluded trees; site-packages alone can hold
+        # ten times more files than the stdlib.
+        subdirs[:] = [d for d in subdirs if d not in EXCLUDED_DIRS]
+        relative = Path(directory).relative_to(base)
+        files.extend(relative / name for name in names if name.endswith(".py"))
     return sorted(files, key=lambda p: p.as_posix())
 
 

@@ -125,7 +125,7 @@ async def run_bench(
             "busy": busy[name],
             "service_p50_s": n["service_p50_s"],
             "items_in": n["items_in"] - before["nodes"][name]["items_in"],
-            "batch_sizes": n["batch_sizes"],
+            "batch_sizes": _diff_counts(n["batch_sizes"], before["nodes"][name]["batch_sizes"]),
         }
         for name, n in after["nodes"].items()
     }
@@ -148,6 +148,12 @@ async def run_bench(
     if trace:
         report["trace"] = trace
     return report
+
+
+def _diff_counts(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    """Histogram counts added since ``before`` (warm-up batches left out)."""
+    diff = {k: v - before.get(k, 0) for k, v in after.items()}
+    return {k: v for k, v in diff.items() if v}
 
 
 def _error_key(exc: Exception) -> str:

@@ -1,16 +1,65 @@
-"""`dataflow serve`: not built yet."""
+"""``dataflow serve GRAPH [GRAPH ...]``: serve graphs over HTTP (OpenAI-compatible) with
+uvicorn. Needs the ``serve`` extra: ``pip install 'dataflow-engine[serve]'``."""
 
 from __future__ import annotations
 
 import argparse
+import socket
+import sys
 
 __all__ = ["add_parser", "main"]
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph", help="graph module or file")
+    parser.add_argument("graph", nargs="+", help="graph file (graphs/x.py) or module (graphs.x)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    parser.add_argument(
+        "--option", "-o", action="append", default=[], help="build option KEY=VALUE"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=256, help="requests in flight before 429"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger is 413")
+    parser.add_argument("--timeout", type=float, default=None, help="per-request seconds (504)")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
 def main(args: argparse.Namespace) -> int:
-    print("dataflow serve: not available in this version")
-    return 2
+    try:
+        import uvicorn
+
+        from ..serve import create_app
+    except ImportError as exc:
+        print(
+            f"dataflow serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'dataflow-engine[serve]'",
+            file=sys.stderr,
+        )
+        return 2
+    from ._load import load_graph, parse_options
+
+    options = parse_options(args.option)
+    graphs = [load_graph(spec, **options) for spec in args.graph]
+    app = create_app(
+        graphs,
+        max_in_flight=args.max_in_flight,
+        max_body_bytes=args.max_body_bytes,
+        timeout=args.timeout,
+    )
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    host, port = sock.getsockname()[:2]
+    names = ", ".join(g.name for g in graphs)
+    # Bound before printing, so whoever reads this line can connect at once.
+    print(f"serving {names} on http://{host}:{port}", flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
+    with sock:
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:
+            # uvicorn shuts down gracefully (engines drained), then re-raises Ctrl-C.
+            pass
+    return 0

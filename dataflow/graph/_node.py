@@ -411,7 +411,20 @@ _DEFAULT_PLACEMENT: dict[Kind, str] = {
 }
 
 
+_OPTIONS = frozenset(
+    {"name", "placement", "replicas", "capacity", "ordered", "timeout", "batch", "threads",
+     "combine", "options"}
+)
+
+
 def _make(kind: Kind, body: Any, options: dict[str, Any]) -> Node | _Decorator:
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise GraphError(
+            f"df.{kind}: unknown option(s) {', '.join(unknown)}; accepted: "
+            f"{', '.join(sorted(_OPTIONS - {'combine'}))} (placement-specific settings go "
+            "in options={...})"
+        )
     options.setdefault("placement", _DEFAULT_PLACEMENT[kind])
     if body is None:
 

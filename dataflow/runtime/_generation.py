@@ -388,7 +388,7 @@ class _Worker:
 
     async def _step_loop(self) -> None:
         while True:
-            pass
+            self._reap()
             active = [s for s in self.running.values() if not s.parked]
             joins = self._take_joins()
             if not joins and not active:

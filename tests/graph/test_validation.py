@@ -442,3 +442,10 @@ def test_errors_raised_by_the_graph_layer_are_graph_errors() -> None:
     assert issubclass(df.GraphError, df.DataflowError)
     with pytest.raises(df.DataflowError):
         node("n", replicas=0)
+
+
+def test_unknown_node_option_is_a_graph_error_at_once() -> None:
+    with pytest.raises(df.GraphError, match="replica"):
+        df.map(replica=2)
+    with pytest.raises(df.GraphError, match="foo"):
+        df.infer(lambda x: x, foo=1)

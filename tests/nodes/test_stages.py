@@ -96,6 +96,31 @@ async def test_concurrent_requests_never_mix_micro_batches(no_gpu: None) -> None
         torch.testing.assert_close(results[i], _reference(model, x))
 
 
+@pytest.mark.anyio
+async def test_stages_work_on_different_micro_batches_at_once(no_gpu: None) -> None:
+    m = 4
+    started = [threading.Event() for _ in range(m)]
+
+    class First(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            started[int(x[0, 0])].set()
+            return x
+
+    class Second(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            j = int(x[0, 0])
+            # Finishing micro-batch j waits until stage 0 has begun j + 1: only a
+            # pipeline whose stages run at the same time gets past this.
+            if j + 1 < m and not started[j + 1].wait(timeout=30):
+                raise RuntimeError(f"stage 0 never started micro-batch {j + 1}")
+            return x
+
+    chain = split_stages(nn.Sequential(First(), Second()), stages=2, micro_batches=m)
+    x = torch.arange(m, dtype=torch.float32).reshape(m, 1)
+    async with df.Engine(_graph(chain)) as engine:
+        assert torch.equal(await engine.run(x), x)
+
+
 class _Blocks(nn.Module):
     """A model holding its blocks in a ModuleList and applying them in order."""
 

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from dataflow._cli._load import load_module  # noqa: E402
+from dataflow._cli._load import load_module
 
 ECHO_PATH = Path(__file__).with_name("echo_graph.py")
 

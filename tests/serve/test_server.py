@@ -132,10 +132,12 @@ async def test_64_concurrent_streaming_clients(serve: Any, echo: ModuleType) -> 
 
     limits = httpx.Limits(max_connections=64)
     async with serve(create_app(engine)) as server:
-        async with httpx.AsyncClient(limits=limits, timeout=30) as http:
-            async with anyio.create_task_group() as tg:
-                for i in range(64):
-                    tg.start_soon(one, http, server.url, i)
+        async with (
+            httpx.AsyncClient(limits=limits, timeout=30) as http,
+            anyio.create_task_group() as tg,
+        ):
+            for i in range(64):
+                tg.start_soon(one, http, server.url, i)
         stats = engine.stats()["requests"]
     assert len(results) == 64
     assert all(not r.startswith("WRONG") for r in results.values()), results
@@ -201,7 +203,9 @@ async def test_deadline_is_504(serve: Any, echo: ModuleType) -> None:
     gate = echo.Gate()  # never opened: every request runs into its deadline
     app = create_app(echo.build(gate=gate), timeout=0.2)
     async with serve(app) as server, httpx.AsyncClient() as http:
-        resp = await http.post(server.url + "/v1/completions", json={"model": "echo", "prompt": "a"})
+        resp = await http.post(
+            server.url + "/v1/completions", json={"model": "echo", "prompt": "a"}
+        )
         assert_error(resp, 504, "timeout_error")
         body = {"model": "echo", "prompt": "a", "stream": True}
         resp = await http.post(server.url + "/v1/completions", json=body)
@@ -337,7 +341,9 @@ async def test_healthz_and_metrics(serve: Any, echo: ModuleType) -> None:
         health = await http.get(server.url + "/healthz")
         assert health.json() == {"status": "ok", "models": {"echo": "open"}}
         for prompt in ("abc", "fail: x"):
-            await http.post(server.url + "/v1/completions", json={"model": "echo", "prompt": prompt})
+            await http.post(
+                server.url + "/v1/completions", json={"model": "echo", "prompt": prompt}
+            )
         text = (await http.get(server.url + "/metrics")).text
     assert 'dataflow_requests_total{model="echo",outcome="succeeded"} 1.0' in text
     assert 'dataflow_requests_total{model="echo",outcome="failed"} 1.0' in text
