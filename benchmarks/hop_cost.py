@@ -18,9 +18,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
+from _common import table, write_result
 
 import dataflow as df
-from _common import table, write_result
 
 STAGES = 4
 _DONE = object()
@@ -154,8 +154,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     print(
         table(
-            ["backend", "cap", "raw µs/hop", "engine µs/hop", "anyio µs/hop", "engine/raw",
-             "anyio/raw"],
+            [
+                "backend",
+                "cap",
+                "raw µs/hop",
+                "engine µs/hop",
+                "anyio µs/hop",
+                "engine/raw",
+                "anyio/raw",
+            ],
             rows,
         )
     )

@@ -3,7 +3,7 @@
 1. ``engine.run`` through a 4-node loop-placement pass-through graph: p50/p99 in µs
    (target p50 ≤ 15 µs).
 2. A graph with one thread-placement node vs a hand-written ``loop.run_in_executor``
-   round trip of the same function, in the same run (target ≤ 1.0×).
+   round trip of the same function, in the same run (target ≤ 1.0x).
 
 Writes benchmarks/results/latency.json.
 
@@ -19,8 +19,9 @@ import statistics
 import time
 from typing import Any
 
-import dataflow as df
 from _common import table, write_result
+
+import dataflow as df
 
 
 def _passthrough(x: Any) -> Any:
@@ -85,14 +86,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs["loop4"].append(_percentiles(asyncio.run(loop_graph(args.requests))))
         runs["executor"].append(_percentiles(asyncio.run(run_in_executor(args.requests))))
         runs["thread1"].append(_percentiles(asyncio.run(thread_graph(args.requests))))
-    med = {k: (statistics.median(p[0] for p in v), statistics.median(p[1] for p in v))
-           for k, v in runs.items()}
+    med = {
+        k: (statistics.median(p[0] for p in v), statistics.median(p[1] for p in v))
+        for k, v in runs.items()
+    }
     ratio = med["thread1"][0] / med["executor"][0]
     rows = [
         ["4-node loop graph", f"{med['loop4'][0]:.1f}", f"{med['loop4'][1]:.1f}", "p50 ≤ 15 µs"],
         ["run_in_executor", f"{med['executor'][0]:.1f}", f"{med['executor'][1]:.1f}", ""],
-        ["1 thread node", f"{med['thread1'][0]:.1f}", f"{med['thread1'][1]:.1f}",
-         f"{ratio:.2f}x executor (≤ 1.0x)"],
+        [
+            "1 thread node",
+            f"{med['thread1'][0]:.1f}",
+            f"{med['thread1'][1]:.1f}",
+            f"{ratio:.2f}x executor (≤ 1.0x)",
+        ],
     ]
     print(table(["round trip", "p50 µs", "p99 µs", "target"], rows))
     result = {

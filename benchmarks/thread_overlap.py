@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 import torch
+from _common import table, write_result
 
 import dataflow as df
-from _common import table, write_result
 
 STAGES = 3
 
@@ -76,8 +76,10 @@ async def engine_throughput(stages: list[Any], x: torch.Tensor, items: int) -> f
 async def executor_throughput(stages: list[Any], x: torch.Tensor, items: int) -> float:
     """Hand-written: one single-thread executor per stage, queues between stages."""
     loop = asyncio.get_running_loop()
-    pools = [concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads,
-                                                   initargs=(1,)) for _ in stages]
+    pools = [
+        concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+        for _ in stages
+    ]
     queues: list[asyncio.Queue[Any]] = [asyncio.Queue(2) for _ in range(STAGES + 1)]
     done = object()
 
@@ -122,24 +124,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bound = min(1 / max(times), cores / sum(times))
         ours = asyncio.run(engine_throughput(stages, x, args.items))
         hand = asyncio.run(executor_throughput(stages, x, args.items))
-        runs.append({"stage_ms": [t * 1e3 for t in times], "bound_items_s": bound,
-                     "engine_items_s": ours, "executor_items_s": hand,
-                     "engine_vs_bound": ours / bound, "executor_vs_bound": hand / bound})
-    med = {k: statistics.median(r[k] for r in runs)  # type: ignore[misc]
-           for k in ("bound_items_s", "engine_items_s", "executor_items_s",
-                     "engine_vs_bound", "executor_vs_bound")}
+        runs.append(
+            {
+                "stage_ms": [t * 1e3 for t in times],
+                "bound_items_s": bound,
+                "engine_items_s": ours,
+                "executor_items_s": hand,
+                "engine_vs_bound": ours / bound,
+                "executor_vs_bound": hand / bound,
+            }
+        )
+    med = {
+        k: statistics.median(r[k] for r in runs)  # type: ignore[misc]
+        for k in (
+            "bound_items_s",
+            "engine_items_s",
+            "executor_items_s",
+            "engine_vs_bound",
+            "executor_vs_bound",
+        )
+    }
     rows = [
         ["ideal bound", f"{med['bound_items_s']:.1f}", "100%"],
-        ["engine (3 thread nodes)", f"{med['engine_items_s']:.1f}",
-         f"{med['engine_vs_bound']:.1%} (target ≥ 95%)"],
-        ["run_in_executor pipeline", f"{med['executor_items_s']:.1f}",
-         f"{med['executor_vs_bound']:.1%}"],
+        [
+            "engine (3 thread nodes)",
+            f"{med['engine_items_s']:.1f}",
+            f"{med['engine_vs_bound']:.1%} (target ≥ 95%)",
+        ],
+        [
+            "run_in_executor pipeline",
+            f"{med['executor_items_s']:.1f}",
+            f"{med['executor_vs_bound']:.1%}",
+        ],
     ]
-    print(f"stage times (ms, last run): {', '.join(f'{t:.2f}' for t in runs[-1]['stage_ms'])};"
-          f" cores={cores}")
+    print(
+        f"stage times (ms, last run): {', '.join(f'{t:.2f}' for t in runs[-1]['stage_ms'])};"
+        f" cores={cores}"
+    )
     print(table(["pipeline", "items/s", "of bound"], rows))
-    result = {"items": args.items, "repeats": args.repeats, "cores": cores, "runs": runs,
-              "median": med}
+    result = {
+        "items": args.items,
+        "repeats": args.repeats,
+        "cores": cores,
+        "runs": runs,
+        "median": med,
+    }
     write_result("thread_overlap", result)
     return result
 

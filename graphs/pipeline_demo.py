@@ -54,7 +54,7 @@ def build(window: int = 32, dim: int = 64, replicas: int = 2, seed: int = 0) -> 
 
     @df.shard
     def windows(ids: torch.Tensor) -> list[torch.Tensor]:
-        return list(ids.split(window))
+        return list(torch.split(ids, window))
 
     stage1 = df.infer(stage1_model, name="stage1", placement="thread", replicas=replicas)
     stage2 = df.infer(

@@ -152,7 +152,9 @@ def build(segs: list[Segment]) -> df.Graph:
             last = graph.add(_gen_node(seg[1], seg[2]), last)
         elif kind == "shard":
             k = seg[1]
-            last = graph.add(df.shard(lambda v, k=k: [v + i for i in range(k)], name=_name("s")), last)
+            last = graph.add(
+                df.shard(lambda v, k=k: [v + i for i in range(k)], name=_name("s")), last
+            )
             for m in seg[2]:
                 last = graph.add(_map_node(m[1], m[2]), last)
             last = graph.add(df.merge("sum", name=_name("ms")), last)

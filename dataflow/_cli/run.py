@@ -12,9 +12,7 @@ __all__ = ["add_parser", "main"]
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("graph", help="graph file (graphs/x.py) or module (graphs.x)")
-    parser.add_argument(
-        "--input", "-i", action="append", default=[], help="an input (repeatable)"
-    )
+    parser.add_argument("--input", "-i", action="append", default=[], help="an input (repeatable)")
     parser.add_argument(
         "--option", "-o", action="append", default=[], help="build option KEY=VALUE"
     )

@@ -412,8 +412,18 @@ _DEFAULT_PLACEMENT: dict[Kind, str] = {
 
 
 _OPTIONS = frozenset(
-    {"name", "placement", "replicas", "capacity", "ordered", "timeout", "batch", "threads",
-     "combine", "options"}
+    {
+        "name",
+        "placement",
+        "replicas",
+        "capacity",
+        "ordered",
+        "timeout",
+        "batch",
+        "threads",
+        "combine",
+        "options",
+    }
 )
 
 

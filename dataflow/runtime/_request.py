@@ -84,6 +84,7 @@ class Request:
         "_on_finish",
         "_reader",
         "_writers",
+        "admitted",
         "backend",
         "consumed",
         "deadline",
@@ -95,7 +96,6 @@ class Request:
         "params",
         "state",
         "streaming",
-        "admitted",
         "watcher",
     )
 

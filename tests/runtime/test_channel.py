@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from anyio.lowlevel import checkpoint
 from anyio import wait_all_tasks_blocked
+from anyio.lowlevel import checkpoint
 
 from dataflow.runtime import BrokenChannel, Channel, EndOfChannel, current_backend
 
@@ -179,7 +179,7 @@ async def test_many_senders_and_receivers_lose_and_duplicate_nothing() -> None:
                 return
 
     async with anyio.create_task_group() as tg:
-        for r in range(3):
+        for _ in range(3):
             tg.start_soon(receiver)
         for s in range(4):
             tg.start_soon(sender, s * 1000)

@@ -159,9 +159,12 @@ async def test_exactly_one_outcome_under_faults_and_random_cancellations() -> No
     assert seen["error"] <= stats["failed"]
     assert seen["timeout"] <= stats["timed_out"]
     missed = (
-        stats["succeeded"] - seen["result"]
-        + stats["failed"] - seen["error"]
-        + stats["cancelled"] - seen["timeout"]
+        stats["succeeded"]
+        - seen["result"]
+        + stats["failed"]
+        - seen["error"]
+        + stats["cancelled"]
+        - seen["timeout"]
     )
     # Callers cancelled while waiting for admission never submitted anything.
     never_submitted = 300 - stats["submitted"]
@@ -327,8 +330,7 @@ async def test_replicas_keep_order_when_ordered() -> None:
 
     unordered = df.Graph(
         "unord",
-        df.map(tokens)
-        >> df.infer(jitter, name="j", placement="thread", replicas=4, ordered=False),
+        df.map(tokens) >> df.infer(jitter, name="j", placement="thread", replicas=4, ordered=False),
     )
     async with df.Engine(unordered) as engine:
         assert sorted([t async for t in engine.stream(60)]) == list(range(60))
@@ -336,7 +338,9 @@ async def test_replicas_keep_order_when_ordered() -> None:
 
 async def test_drain_lets_in_flight_requests_finish(no_thread_leak: None) -> None:
     gate = Gate()
-    graph = df.Graph("drain", df.map(gate) >> df.infer(lambda x: -x, name="neg", placement="thread"))
+    graph = df.Graph(
+        "drain", df.map(gate) >> df.infer(lambda x: -x, name="neg", placement="thread")
+    )
     results: list[int] = []
     async with anyio.create_task_group() as tg:
         engine = df.Engine(graph)
@@ -361,17 +365,16 @@ async def test_cancel_shutdown_fails_in_flight_requests(no_thread_leak: None) ->
     gate = Gate()  # never opened
     graph = df.Graph("cancel", df.map(gate) >> df.infer(lambda x: x, name="t", placement="thread"))
     errors: list[BaseException] = []
-    async with anyio.create_task_group() as tg:
-        async with df.Engine(graph, shutdown="cancel") as engine:
+    async with anyio.create_task_group() as tg, df.Engine(graph, shutdown="cancel") as engine:
 
-            async def caller() -> None:
-                try:
-                    await engine.run(1)
-                except df.EngineClosed as exc:
-                    errors.append(exc)
+        async def caller() -> None:
+            try:
+                await engine.run(1)
+            except df.EngineClosed as exc:
+                errors.append(exc)
 
-            tg.start_soon(caller)
-            await wait_all_tasks_blocked()
+        tg.start_soon(caller)
+        await wait_all_tasks_blocked()
     assert len(errors) == 1
     assert engine.stats()["requests"]["cancelled"] == 1
 

@@ -62,6 +62,8 @@ def test_the_loop_really_is_uvloop() -> None:
 
         return type(asyncio.get_running_loop()).__module__
 
-    module = anyio.run(which, backend="asyncio", backend_options={"loop_factory": _uvloop_factory()})
+    module = anyio.run(
+        which, backend="asyncio", backend_options={"loop_factory": _uvloop_factory()}
+    )
     assert module.startswith("uvloop"), module
     assert uvloop.__version__
