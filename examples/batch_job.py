@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import os
+from collections import deque
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -60,6 +61,15 @@ async def run(
     with inputs.open(encoding="utf-8") as f:
         total = sum(1 for _ in f)
     graph = importlib.import_module(graph_module).build()
+    # ordered=True yields results in input order, so the oldest line pulled is the one
+    # each result belongs to; at most ``window`` lines wait here.
+    pulled: deque[str] = deque()
+
+    def lines() -> Iterator[str]:
+        for line in read_inputs(inputs, skip):
+            pulled.append(line)
+            yield line
+
     count = 0
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -71,38 +81,34 @@ async def run(
     async with df.Engine(graph) as engine:
         with progress, output.open("a", encoding="utf-8") as out:
             task = progress.add_task(graph.name, total=total, completed=skip)
-            lines = read_inputs(inputs, skip)
-            results = engine.map(lines, ordered=True, window=window)
-            async for line_no, (text, result) in enumerate(_pair(lines, results), skip + 1):
-                record = {"line": line_no, "input": text, "output": jsonable(result)}
+            async for result in engine.map(lines(), ordered=True, window=window):
+                count += 1
+                record = {
+                    "line": skip + count,
+                    "input": pulled.popleft(),
+                    "output": jsonable(result),
+                }
                 out.write(json.dumps(record) + "\n")
                 out.flush()  # a complete line on disk is a line a rerun will skip
-                count += 1
                 progress.advance(task)
             os.fsync(out.fileno())
     return count
 
 
-class _pair:
-    """(input, result) pairs: ``engine.map`` keeps input order, so inputs are recorded as
-    they are pulled and matched to results as they come back."""
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", type=Path, help="text file, one input per line")
+    parser.add_argument("output", type=Path, help="JSONL file (appended to, resumable)")
+    parser.add_argument("--graph", default="graphs.minilm", help="graph module")
+    parser.add_argument("--window", type=int, default=64, help="most requests in flight")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    done = anyio.run(
+        lambda: run(args.graph, args.inputs, args.output, window=args.window, quiet=args.quiet)
+    )
+    print(f"{done} new lines written to {args.output}")
+    return 0
 
-    def __init__(self, lines: Iterator[str], results: df.MapStream) -> None:
-        self._pulled: list[str] = []
-        self._results = results
-        # Wrap the line iterator the map pulls from, so the text of each result is known.
-        lines_iter = lines
 
-        def recording() -> Iterator[str]:
-            for line in lines_iter:
-                self._pulled.append(line)
-                yield line
-
-        results._sync = recording()  # type: ignore[attr-defined]
-
-    def __aiter__(self) -> _pair:
-        return self
-
-    async def __anext__(self) -> tuple[str, Any]:
-        result = await anext(self._results)
-        return self._pulled.pop(0), result
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -154,16 +154,15 @@ async def test_requests_with_different_parameters_go_in_separate_calls() -> None
         return [v * scale for v in values]
 
     node = df.map(body, batch=df.Batch(max_size=8, max_wait=0.05, collate="list"))
-    async with df.Engine(df.Graph("g", node)) as engine:
-        async with anyio.create_task_group() as tg:
-            out: dict[tuple[int, int], int] = {}
-            for v in range(4):
-                for scale in (1, 3):
+    async with df.Engine(df.Graph("g", node)) as engine, anyio.create_task_group() as tg:
+        out: dict[tuple[int, int], int] = {}
+        for v in range(4):
+            for scale in (1, 3):
 
-                    async def one(v: int = v, scale: int = scale) -> None:
-                        out[v, scale] = await engine.run(v, scale=scale)
+                async def one(v: int = v, scale: int = scale) -> None:
+                    out[v, scale] = await engine.run(v, scale=scale)
 
-                    tg.start_soon(one)
+                tg.start_soon(one)
     assert out == {(v, s): v * s for v in range(4) for s in (1, 3)}
     assert all(len({s for _, s in batch}) == 1 for batch in calls.batches)
 
@@ -192,9 +191,11 @@ async def test_replicas_keep_each_streams_order_across_batches() -> None:
 
 
 async def test_slow_batch_past_the_node_timeout_fails_its_requests() -> None:
+    release = threading.Event()
+
     def body(values: list[int]) -> list[int]:
         if 7 in values:
-            time.sleep(0.3)  # simulated work, past the timeout
+            release.wait(10)  # stuck until the test has seen the timeout
         return values
 
     node = df.infer(
@@ -208,4 +209,5 @@ async def test_slow_batch_past_the_node_timeout_fails_its_requests() -> None:
         with pytest.raises(df.NodeError) as info:
             await engine.run(7)
         assert isinstance(info.value.__cause__, TimeoutError)
+        release.set()
         assert await engine.run(3) == 3
