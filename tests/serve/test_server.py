@@ -345,10 +345,10 @@ async def test_healthz_and_metrics(serve: Any, echo: ModuleType) -> None:
                 server.url + "/v1/completions", json={"model": "echo", "prompt": prompt}
             )
         text = (await http.get(server.url + "/metrics")).text
-    assert 'dataflow_requests_total{model="echo",outcome="succeeded"} 1.0' in text
-    assert 'dataflow_requests_total{model="echo",outcome="failed"} 1.0' in text
-    assert 'dataflow_requests_in_flight{model="echo"} 0.0' in text
-    assert 'dataflow_node_service_seconds{model="echo",node="echo",quantile="0.99"}' in text
-    assert 'dataflow_edge_queue_depth{edge="input->echo",model="echo"} 0.0' in text
+    assert 'dataflow_requests_total{graph="echo",outcome="succeeded"} 1.0' in text
+    assert 'dataflow_requests_total{graph="echo",outcome="failed"} 1.0' in text
+    assert 'dataflow_requests_in_flight{graph="echo"} 0.0' in text
+    assert 'dataflow_node_service_seconds{graph="echo",node="echo",quantile="0.99"}' in text
+    assert 'dataflow_edge_depth{edge="input->echo",graph="echo"} 0.0' in text
     assert 'dataflow_http_responses_total{route="/v1/completions",status="500"} 1.0' in text
     assert engine.state is df.EngineState.CLOSED  # the app's lifespan closed it
