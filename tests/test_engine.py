@@ -268,3 +268,23 @@ async def test_shard_merge_and_fan_in() -> None:
     fan.add(df.merge(lambda parts: tuple(parts), name="pair"), b, c)
     async with df.Engine(fan) as engine:
         assert [r async for r in engine.map(range(5))] == [(i + 1, 2 * i) for i in range(5)]
+
+
+async def test_unordered_map_over_a_graph_that_runs_inline() -> None:
+    """Requests that finish inside their own submission (every node idle, on the loop)
+    still reach an unordered map."""
+    graph = df.Graph("loop", df.map(lambda x: x + 1, name="a") >> df.map(double, name="b"))
+    async with df.Engine(graph) as engine:
+        got = [r async for r in engine.map(range(100), ordered=False)]
+        assert sorted(got) == [2 * (i + 1) for i in range(100)]
+        got = [r async for r in engine.map(range(100), ordered=False, window=3)]
+        assert sorted(got) == [2 * (i + 1) for i in range(100)]
+
+
+async def test_inline_and_queued_paths_count_the_same() -> None:
+    graph = df.Graph("loop", df.map(lambda x: x + 1, name="a") >> df.map(double, name="b"))
+    async with df.Engine(graph) as engine:
+        assert await engine.run(1) == 4  # idle: runs inline in the caller's task
+        assert [r async for r in engine.map(range(50))] == [2 * (i + 1) for i in range(50)]
+        nodes = engine.stats()["nodes"]
+    assert nodes["a"]["items_in"] == nodes["b"]["items_out"] == 51

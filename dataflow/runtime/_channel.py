@@ -59,6 +59,7 @@ class Channel(Generic[T]):
         "broken",
         "capacity",
         "closed",
+        "consumer",
         "name",
         "senders",
         "stats",
@@ -79,6 +80,8 @@ class Channel(Generic[T]):
         self._recv_waiters: deque[Any] = deque()
         self._send_waiters: deque[Any] = deque()
         self.stats = ChannelStats()
+        # The node that may run items in the producer's task while it is idle.
+        self.consumer: Any = None
 
     def __len__(self) -> int:
         return len(self._buf)

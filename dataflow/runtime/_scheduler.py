@@ -69,6 +69,7 @@ class Scheduler:
                 ),
             )
         self._started: list[NodeRunner] = []
+        self.inline = True  # let idle simple nodes run in their producer's task
 
     @property
     def source(self) -> Channel[Item]:
@@ -91,6 +92,9 @@ class Scheduler:
 
     def start_workers(self, tg: anyio.abc.TaskGroup) -> None:
         """Start one worker task per replica in ``tg``."""
+        for runner in self.runners.values():
+            if self.inline:
+                runner.enable_inline()
         for runner in self.runners.values():
             for index in range(runner.worker_count()):
                 tg.start_soon(runner.run_worker, index, name=f"dataflow:{runner.name}:{index}")

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from ._backend import Backend
     from ._trace import Tracer
 
-__all__ = ["NodeRunner", "NodeStats", "Output"]
+__all__ = ["NodeRunner", "NodeStats", "Output", "advance", "deliver", "deliver_nowait"]
 
 Output = tuple[Channel[Item] | Sink, int]  # (where to, port at the receiving node)
+Advanced = tuple[list[Item], Channel[Item] | Sink, int]
 
 _TAKE = 64  # most items one worker takes from its input at once
 _FAIR = 256  # items processed without suspending before yielding to the loop
@@ -59,6 +60,10 @@ class NodeStats:
         self.started = time.perf_counter()
         self.batch_sizes: Counter[int] = Counter()
         self.batch_wait: deque[float] = deque(maxlen=2048)
+
+
+def _unset(value: Any) -> Any:
+    raise RuntimeError("inline body used before the node started")
 
 
 def _node_error(node: str, req: Request, exc: BaseException) -> DataflowError:
@@ -103,6 +108,8 @@ class NodeRunner:
         self.replicas = node.replicas
         self.stats = NodeStats(self.replicas)
         self.replica_objs: list[Replica] = []
+        self.parked = False  # the single worker waits on an empty input (see advance)
+        self._inline_fn: Callable[[Any], Any] = _unset
         self._params = node.info.params
         self._all_params = node.info.accepts_any_param
         self._gather: dict[int, _Gather] = {}
@@ -150,6 +157,64 @@ class NodeRunner:
     def worker_count(self) -> int:
         return self.replicas
 
+    @property
+    def simple(self) -> bool:
+        """A sync function on the loop with one output and nothing per request to look
+        at (parameters, timeout, batching, order, tracing): the fast path applies."""
+        node = self.node
+        return (
+            node.kind not in ("merge", "shard")
+            and node.info.mode == "function"
+            and all(isinstance(r, LoopReplica) for r in self.replica_objs)
+            and not self._params
+            and not self._all_params
+            and node.timeout is None
+            and node.batch is None
+            and not self._ordered
+            and len(self.outputs) == 1
+            and "generation" not in node.options
+            and self.tracer is None
+        )
+
+    def enable_inline(self) -> None:
+        """Let producers run this node in their own task while it is idle (see
+        :func:`advance`): a single-replica simple node only, so order is kept."""
+        if self.replicas == 1 and self.simple:
+            self.inbox.consumer = self
+            replica = self.replica_objs[0]
+            assert isinstance(replica, LoopReplica)
+            self._inline_fn = replica.direct()
+
+    def inline(self, items: list[Item]) -> list[Item]:
+        """Process ``items`` now, in the caller's task (this node's worker is parked
+        on an empty input, so nothing it holds can be overtaken)."""
+        start = time.perf_counter()
+        done = self._apply(self._inline_fn, items)
+        elapsed = time.perf_counter() - start
+        self.stats.busy_s[0] += elapsed
+        self.stats.service.append(elapsed / len(items))
+        return done
+
+    def _apply(self, fn: Callable[[Any], Any], items: list[Item]) -> list[Item]:
+        """Run a simple body on each live item; failures end only their request."""
+        stats = self.stats
+        done: list[Item] = []
+        for it in items:
+            req = it.req
+            if req.state != PENDING:
+                stats.cancelled += 1
+                continue
+            try:
+                it.value = fn(it.value)
+            except Exception as exc:
+                stats.failed += 1
+                req.fail(_node_error(self.name, req, exc))
+                continue
+            done.append(it)
+        stats.items_in += len(items)
+        stats.items_out += len(done)
+        return done
+
     async def run_worker(self, index: int) -> None:
         """One replica's loop until the input ends; the last one out closes the outputs."""
         if index == 0:
@@ -157,20 +222,7 @@ class NodeRunner:
             self.stats.started = time.perf_counter()
         try:
             node = self.node
-            simple = (
-                node.kind != "merge"
-                and node.info.mode == "function"
-                and isinstance(self.replica_objs[index], LoopReplica)
-                and not self._params
-                and not self._all_params
-                and node.timeout is None
-                and node.batch is None
-                and not self._ordered
-                and node.kind != "shard"
-                and len(self.outputs) == 1
-                and self.tracer is None
-            )
-            if simple:
+            if self.simple:
                 await self._run_simple(index)
             elif "generation" in node.options:
                 from ._generation import run_generation_worker
@@ -193,12 +245,10 @@ class NodeRunner:
     async def _run_simple(self, index: int) -> None:
         inbox = self.inbox
         out, port = self.outputs[0]
-        channel = out if isinstance(out, Channel) else None
         replica = self.replica_objs[index]
         assert isinstance(replica, LoopReplica)
         fn = replica.direct()
-        stats = self.stats
-        name = self.name
+        apply = self._apply
         perf = time.perf_counter
         # Busy time is taken between suspensions, not per item: two clock reads per
         # wake-up instead of two per batch keeps the hop cheap.
@@ -209,49 +259,24 @@ class NodeRunner:
             items = inbox.take(_TAKE)
             if not items:
                 self._account(index, awake, handled)
-                if not await inbox.wait_readable():
-                    return
+                self.parked = True
+                try:
+                    if not await inbox.wait_readable():
+                        return
+                finally:
+                    self.parked = False
                 awake, handled, since_park = perf(), 0, 0
                 continue
-            done: list[Item] = []
-            for it in items:
-                req = it.req
-                if req.state != PENDING:
-                    stats.cancelled += 1
-                    continue
-                try:
-                    it.value = fn(it.value)
-                except Exception as exc:
-                    stats.failed += 1
-                    req.fail(_node_error(name, req, exc))
-                    continue
-                done.append(it)
+            done = apply(fn, items)
             n = len(items)
-            stats.items_in += n
-            stats.items_out += len(done)
             handled += n
-            if port:
-                for it in done:
-                    it.port = port
-            if channel is not None:
-                # Hold what does not fit, as a hand-written stage holds the item it cannot
-                # put yet, and send it when room frees up.
-                room = channel.capacity - len(channel)
-                if len(done) <= room:
-                    channel.put_many(done)
-                else:
-                    channel.put_many(done[:room])
-                    self._account(index, awake, handled)
-                    for it in done[room:]:
-                        await channel.send(it)
-                    awake, handled, since_park = perf(), 0, 0
-            else:
-                for it in done:
-                    if not out.put_nowait(it):
-                        self._account(index, awake, handled)
-                        await out.send(it)
-                        awake, handled, since_park = perf(), 0, 0
             since_park += n
+            if done:
+                rest, dest, dport = advance(done, out, port)
+                if rest and not deliver_nowait(rest, dest, dport):
+                    self._account(index, awake, handled)
+                    await deliver(rest, dest)
+                    awake, handled, since_park = perf(), 0, 0
             if since_park >= _FAIR:
                 # Other tasks run during the checkpoint: that time is not this node's.
                 self._account(index, awake, handled)
@@ -465,3 +490,54 @@ class NodeRunner:
         if req.state == PENDING:
             self.stats.failed += 1
             req.finish(FAILED, _node_error(self.name, req, exc))
+
+
+def advance(items: list[Item], dest: Channel[Item] | Sink, port: int) -> Advanced:
+    """Run idle downstream nodes on ``items`` in the current task.
+
+    While the next node's only worker is parked on an empty input, a hop through its
+    channel would only wake it to do what can be done right here; so its body runs now
+    and the items move on to its output. This stops at a node that is busy, has items
+    queued, or is not simple, and returns what is left to enqueue there (Flink chains
+    operators statically; this chains them only while they are idle, so queues,
+    capacities and backpressure are untouched under load).
+    """
+    while type(dest) is Channel:
+        runner = dest.consumer
+        if runner is None or not runner.parked or len(dest):
+            break
+        items = runner.inline(items)
+        if not items:
+            break
+        dest, port = runner.outputs[0]
+    return items, dest, port
+
+
+def deliver_nowait(items: list[Item], dest: Channel[Item] | Sink, port: int) -> bool:
+    """Enqueue ``items`` at ``dest`` if there is room for all; otherwise enqueue what fits
+    and leave the rest in ``items`` (removing what was enqueued) and return False."""
+    if port:
+        for it in items:
+            it.port = port
+    if type(dest) is Channel:
+        if dest.broken:
+            return False  # let the slow path raise BrokenChannel
+        room = dest.capacity - len(dest)
+        if len(items) <= room:
+            dest.put_many(items)
+            return True
+        if room > 0:
+            dest.put_many(items[:room])
+            del items[:room]
+        return False
+    while items:
+        if not dest.put_nowait(items[0]):
+            return False
+        del items[0]
+    return True
+
+
+async def deliver(items: list[Item], dest: Channel[Item] | Sink) -> None:
+    """Send ``items`` to ``dest`` one by one, waiting for room (the slow path)."""
+    for it in items:
+        await dest.send(it)

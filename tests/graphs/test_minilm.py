@@ -84,6 +84,6 @@ async def test_long_text_is_windowed_not_truncated(graph: df.Graph) -> None:
 
 async def test_bad_input_fails_only_that_request(graph: df.Graph) -> None:
     async with df.Engine(graph) as engine:
-        with pytest.raises(df.NodeError, match="tokenize"):
+        with pytest.raises(df.InvalidRequest, match="minilm"):
             await engine.run(42)
         assert (await engine.run("still serving")).shape == (minilm.DIM,)

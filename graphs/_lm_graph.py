@@ -1,0 +1,71 @@
+"""What the byte-level LM graphs share: the prompt encoder and the graph's wiring.
+
+Each LM graph is ``encode (text -> byte ids) >> generate (continuous batching)``. The
+generate node decodes its own bytes to text incrementally (``decode="bytes"``): the
+UTF-8 decoder holds one request's partial character between tokens, state that a
+separate node, which sees items but not their requests' history, could not keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dataflow as df
+
+__all__ = ["PromptBytes", "lm_graph"]
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+class PromptBytes:
+    """The encode node's body: a prompt as byte ids, left-truncated to ``max_prompt``.
+
+    Policy for long prompts: keep the *last* ``max_prompt`` bytes (the model continues
+    the end of the text; the start would fall out of its context anyway).
+    """
+
+    def __init__(self, max_prompt: int) -> None:
+        self.max_prompt = max_prompt
+
+    def __call__(self, prompt: str | bytes) -> list[int]:
+        """Raises:
+        InvalidRequest: the prompt is empty, not text, or bytes that are not UTF-8.
+        """
+        if isinstance(prompt, bytes | bytearray):
+            try:
+                bytes(prompt).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise df.InvalidRequest(
+                    f"the prompt is not valid UTF-8 (byte {exc.start}): send text"
+                ) from None
+            data = bytes(prompt)
+        elif isinstance(prompt, str):
+            data = prompt.encode("utf-8", errors="surrogatepass")
+        else:
+            raise df.InvalidRequest(f"a prompt is str or UTF-8 bytes, not {type(prompt).__name__}")
+        if not data:
+            raise df.InvalidRequest("the prompt is empty: give at least one character")
+        return list(data[-self.max_prompt :])
+
+
+def lm_graph(
+    name: str,
+    factory: Callable[[int], df.StepModel],
+    weights: Path,
+    *,
+    max_prompt: int,
+    train_command: str,
+    **options: Any,
+) -> df.Graph:
+    """``encode >> generate`` for a byte-level step model.
+
+    Raises:
+        GraphError: the weights file is missing (the message says how to train it).
+    """
+    if not weights.is_file():
+        raise df.GraphError(f"graph {name!r}: no weights at {weights}; train with {train_command}")
+    encode = df.encode(PromptBytes(max_prompt), name="prompt")
+    generate = df.generate(factory, name=name, decode="bytes", **options)
+    return df.Graph(name, encode >> generate)

@@ -1,0 +1,77 @@
+"""The shipped LM graphs (tiny_lm, lstm_lm): load their weights, stream text, reject bad
+input per request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import anyio
+import pytest
+
+import dataflow as df
+from graphs import lstm_lm, tiny_lm
+
+pytestmark = pytest.mark.anyio
+
+GRAPHS = [pytest.param(tiny_lm, id="tiny_lm"), pytest.param(lstm_lm, id="lstm_lm")]
+
+
+async def text(engine: df.Engine, prompt: str | bytes, **params: object) -> str:
+    chunks = [c async for c in engine.stream(prompt, **params)]
+    assert all(isinstance(c, str) and c for c in chunks)
+    return "".join(chunks)
+
+
+@pytest.mark.parametrize("module", GRAPHS)
+async def test_streams_text_and_same_seed_gives_same_text_in_a_batch(module: ModuleType) -> None:
+    graph = module.build(max_batch=8, threads=1)
+    async with df.Engine(graph) as engine:
+        alone = await text(engine, "def main(", max_new_tokens=48, seed=3)
+        out: dict[int, str] = {}
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+
+                async def one(i: int = i) -> None:
+                    prompt = "def main(" if i == 0 else f"import os{i}\n"
+                    out[i] = await text(engine, prompt, max_new_tokens=48, seed=3 if i == 0 else i)
+
+                tg.start_soon(one)
+        stats = engine.stats()
+    assert 0 < len(alone.encode()) <= 48
+    assert out[0] == alone
+    assert max(stats["nodes"][graph.plan().sink]["batch_sizes"]) > 1
+
+
+@pytest.mark.parametrize("module", GRAPHS)
+async def test_bad_input_is_a_clear_error_for_that_request_only(module: ModuleType) -> None:
+    graph = module.build(max_batch=4, threads=1, max_new_tokens_limit=512)
+    async with df.Engine(graph) as engine:
+        good: list[str] = []
+        async with anyio.create_task_group() as tg:
+
+            async def run_good() -> None:
+                good.append(await text(engine, "class ", max_new_tokens=64, temperature=0))
+
+            tg.start_soon(run_good)
+            for prompt, params, match in [
+                ("", {}, "empty"),
+                (b"\xff\xfe", {}, "UTF-8"),
+                ("x", {"max_new_tokens": 0}, "max_new_tokens"),
+                ("x", {"max_new_tokens": 10**6}, "max_new_tokens"),
+                ("x", {"temperature": -1.0}, "temperature"),
+                ("x", {"stop": 3}, "stop"),
+                ("x", {"nucleus": 0.9}, "nucleus"),
+            ]:
+                with pytest.raises(df.InvalidRequest, match=match):
+                    await engine.run(prompt, **params)
+        # A prompt longer than the context is cut from the left, not refused.
+        long = await text(engine, "x = 1\n" * 200, max_new_tokens=8, temperature=0)
+    assert len(good[0].encode()) == 64
+    assert 0 < len(long.encode()) <= 8
+
+
+@pytest.mark.parametrize("module", GRAPHS)
+def test_missing_weights_is_a_graph_error(module: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(df.GraphError, match="train"):
+        module.build(weights=tmp_path / "none.safetensors")
