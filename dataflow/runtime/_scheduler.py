@@ -12,7 +12,6 @@ from typing import Any
 
 import anyio.abc
 
-from .._errors import GraphError
 from ..graph import Graph, Plan, resolve
 from ._backend import Backend
 from ._channel import Channel
@@ -34,11 +33,14 @@ class Scheduler:
         self.placements = {name: resolve(nodes[name]) for name in plan.order}
         for name, placement in self.placements.items():
             if placement == "ray":
-                raise GraphError(
-                    f"node {name!r}: placement 'ray' is not available in this build",
-                    nodes=(name,),
-                )
-        thread_replicas = sum(nodes[n].replicas for n, p in self.placements.items() if p != "loop")
+                # Imported only for graphs that use Ray: `import dataflow` never imports it.
+                from .executors._ray import ray_options
+
+                ray_options(nodes[name])  # GraphError for an unknown or invalid option
+        # Ray replicas run in other processes: they take no share of this one's cores.
+        thread_replicas = sum(
+            nodes[n].replicas for n, p in self.placements.items() if p not in ("loop", "ray")
+        )
         default_threads = default_intra_op_threads(thread_replicas)
         self.inboxes: dict[str, Channel[Item]] = {
             name: Channel(

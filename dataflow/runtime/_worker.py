@@ -74,6 +74,17 @@ def _node_error(node: str, req: Request, exc: BaseException) -> DataflowError:
     return err
 
 
+class _Slot:
+    """The outputs of one input of an ordered, replicated node."""
+
+    __slots__ = ("done", "live", "outs")
+
+    def __init__(self, live: bool) -> None:
+        self.outs: list[Item] = []
+        self.done = False
+        self.live = live  # emits directly: every earlier input is out
+
+
 class _Gather:
     """A merge's pending parts for one request: tag prefix -> (expected, parts)."""
 
@@ -118,10 +129,11 @@ class NodeRunner:
         self._ordered = node.ordered and self.replicas > 1 and node.kind != "merge"
         self._seq = 0
         self._head = 0
-        self._slots: dict[int, list[Item]] = {}
+        self._slots: dict[int, _Slot] = {}
         self._flushing = False
         self._window = max(2 * self.replicas, 4)
         self._window_waiters: deque[Any] = deque()
+        self._lanes = list(range(self.replicas))  # worker -> the replica it feeds
         # Set by the engine when tracing or hop logging is on; None keeps the fast path.
         self.tracer: Tracer | None = None
 
@@ -147,6 +159,12 @@ class NodeRunner:
                 err = NodeError(self.name, None, exc)
                 err.__cause__ = exc
                 raise err from exc
+        # A replica that keeps several items in flight (a Ray actor) gets a worker per item.
+        self._lanes = [i for i, r in enumerate(self.replica_objs) for _ in range(r.in_flight)]
+        if len(self._lanes) > self.replicas:
+            self._running = len(self._lanes)
+            self._ordered = self.node.ordered and self.node.kind != "merge"
+            self._window = max(2 * len(self._lanes), 4)
 
     async def stop(self) -> None:
         """Tear down every replica (``teardown()``, threads joined); never raises."""
@@ -155,7 +173,7 @@ class NodeRunner:
                 await replica.stop()
 
     def worker_count(self) -> int:
-        return self.replicas
+        return len(self._lanes)
 
     @property
     def simple(self) -> bool:
@@ -215,9 +233,10 @@ class NodeRunner:
         stats.items_out += len(done)
         return done
 
-    async def run_worker(self, index: int) -> None:
+    async def run_worker(self, worker: int) -> None:
         """One replica's loop until the input ends; the last one out closes the outputs."""
-        if index == 0:
+        index = self._lanes[worker]
+        if worker == 0:
             # Busy fractions count from here, not from before setup() (loading weights).
             self.stats.started = time.perf_counter()
         try:
@@ -297,7 +316,7 @@ class NodeRunner:
             if self._ordered:
                 while self._seq - self._head >= self._window:
                     await self.backend.park(self._window_waiters)
-            items = inbox.take(1 if (self._ordered or self.replicas > 1) else _TAKE)
+            items = inbox.take(1 if (self._ordered or len(self._lanes) > 1) else _TAKE)
             if not items:
                 if not await inbox.wait_readable():
                     return
@@ -306,11 +325,13 @@ class NodeRunner:
             for it in items:
                 self.stats.items_in += 1
                 if self._ordered:
-                    seq = self._seq
-                    self._seq += 1
-                    outs: list[Item] = []
-                    await self._process(index, it, outs.append)
-                    await self._deposit(seq, outs)
+                    seq, slot = self._open_seq()
+                    try:
+                        await self._process(index, it, slot)
+                    finally:
+                        slot.done = True
+                        if seq == self._head:
+                            await self._advance()
                 else:
                     await self._process(index, it, None)
             since_park += len(items)
@@ -318,7 +339,7 @@ class NodeRunner:
                 since_park = 0
                 await anyio.lowlevel.checkpoint()
 
-    async def _process(self, index: int, it: Item, collect: Callable[[Item], None] | None) -> None:
+    async def _process(self, index: int, it: Item, collect: _Slot | None) -> None:
         """Run the body on one item and emit (or collect) what it produces."""
         req = it.req
         if req.state != PENDING:
@@ -380,7 +401,7 @@ class NodeRunner:
             self.tracer.compute(self, index, (req,), start, end)
 
     async def _generate(
-        self, index: int, it: Item, kw: dict[str, Any], collect: Callable[[Item], None] | None
+        self, index: int, it: Item, kw: dict[str, Any], collect: _Slot | None
     ) -> None:
         req = it.req
         i = 0
@@ -402,9 +423,7 @@ class NodeRunner:
                     break
         req.release(1)
 
-    async def _merge(
-        self, index: int, it: Item, kw: dict[str, Any], collect: Callable[[Item], None] | None
-    ) -> None:
+    async def _merge(self, index: int, it: Item, kw: dict[str, Any], collect: _Slot | None) -> None:
         req = it.req
         if self.fan_in > 1:
             prefix, expected, slot = it.tag, self.fan_in, it.port
@@ -429,11 +448,11 @@ class NodeRunner:
         await self._emit(Item(req, value, prefix), collect)
         req.release(expected)
 
-    async def _emit(self, it: Item, collect: Callable[[Item], None] | None) -> None:
-        if collect is not None:
-            collect(it)
-            return
-        await self.emit(it)
+    async def _emit(self, it: Item, collect: _Slot | None) -> None:
+        if collect is None or collect.live:
+            await self.emit(it)
+        else:
+            collect.outs.append(it)  # an earlier input's outputs are still to go out
 
     async def emit(self, it: Item) -> None:
         """Send ``it`` to every output (a copy per extra output: fan-out)."""
@@ -464,16 +483,39 @@ class NodeRunner:
             if not out.put_nowait(copy):
                 await out.send(copy)
 
+    # -- order across replicas ----------------------------------------------------------
+    # Each input gets a sequence number when taken. The oldest unfinished one (the head)
+    # emits as it goes, so a generator at the head streams; later ones hold their
+    # outputs until they become the head. At most ``_window`` inputs are in progress.
+    def _open_seq(self) -> tuple[int, _Slot]:
+        seq = self._seq
+        self._seq += 1
+        slot = self._slots[seq] = _Slot(live=seq == self._head)
+        return seq, slot
+
     async def _deposit(self, seq: int, outs: list[Item]) -> None:
-        """Release outputs in input order across replicas (bounded by the window)."""
-        self._slots[seq] = outs
-        if seq != self._head or self._flushing:
-            return
+        """Hand in the whole output of input ``seq`` (a batch worker's way)."""
+        slot = self._slots.get(seq)
+        if slot is None:
+            slot = self._slots[seq] = _Slot(live=False)
+        slot.outs.extend(outs)
+        slot.done = True
+        if seq == self._head:
+            await self._advance()
+
+    async def _advance(self) -> None:
+        """Flush finished inputs from the head on; make the next unfinished one live."""
+        if self._flushing:
+            return  # the task already flushing will get there
         self._flushing = True
         try:
-            while self._head in self._slots:
-                for it in self._slots.pop(self._head):
-                    await self.emit(it)
+            while (slot := self._slots.get(self._head)) is not None:
+                while slot.outs:
+                    await self.emit(slot.outs.pop(0))
+                if not slot.done:
+                    slot.live = True
+                    break
+                del self._slots[self._head]
                 self._head += 1
                 self.backend.wake_all(self._window_waiters)
         finally:

@@ -437,3 +437,35 @@ async def test_concurrent_shards_never_mix() -> None:
         async for parts in engine.map(range(50), ordered=False):
             rid = parts[0][0]
             assert parts == [(rid, i) for i in range(5)]
+
+
+async def test_an_ordered_replicated_generator_streams_its_head_request() -> None:
+    """With replicas and ordered=True, the oldest request's tokens go out as they are
+    produced (later requests wait their turn, not the other way round)."""
+    gates = [anyio.Event() for _ in range(6)]
+
+    async def tokens(x: int) -> AsyncIterator[int]:
+        for i in range(3):
+            yield x * 10 + i
+            if x == 0:
+                await gates[i].wait()
+
+    graph = df.Graph("gen", df.map(tokens, replicas=2))
+    async with df.Engine(graph) as engine:
+        first = engine.stream(0)
+        assert await first.__anext__() == 0  # while its generator is still running
+        later: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def second() -> None:
+                later.extend([t async for t in engine.stream(1)])
+
+            tg.start_soon(second)
+            for i in (1, 2):
+                gates[i - 1].set()
+                assert await first.__anext__() == i
+            assert later == []  # request 1 finished early but waits for request 0
+            gates[2].set()
+            with pytest.raises(StopAsyncIteration):
+                await first.__anext__()
+    assert later == [10, 11, 12]

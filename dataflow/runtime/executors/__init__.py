@@ -41,6 +41,11 @@ def make_replica(
     """The replica ``index`` of ``node`` for its resolved ``placement``."""
     kind = placement.split(":", 1)[0]
     factory = _FACTORIES.get(kind)
+    if factory is None and kind == "ray":
+        # Imported here, on first use, so that `import dataflow` never imports Ray.
+        from . import _ray  # noqa: F401  (registers "ray")
+
+        factory = _FACTORIES.get(kind)
     if factory is not None:
         return factory(node, index, backend, intra_op_threads)
     if kind == "loop":

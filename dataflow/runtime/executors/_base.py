@@ -77,6 +77,9 @@ class Replica:
         self.index = index
         self.owns_setup = owns_setup
         self.body: Callable[..., Any] | None = None
+        # Items the runner may keep outstanding here at once, one worker lane each: more
+        # than one where a call's round trip is worth hiding (a Ray actor queues them).
+        self.in_flight = 1
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` where this replica runs and return the result."""
