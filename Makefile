@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # torch is pinned: pip takes the local CPU wheel; an unpinned torch pulls a CUDA build.
 TORCH  := torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,serve,minilm,metrics,viz
 
 .PHONY: venv install demo test lint typecheck pytest bench clean
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/dataflow run graphs/pipeline_demo.py
+	$(VENV)/bin/dataflow run graphs/tiny_lm.py --prompt "def main(" --max-tokens 200 --seed 1
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -266,7 +266,7 @@ _ACTOR_CLASS: Any = None
 def _actor_class() -> Any:
     global _ACTOR_CLASS
     if _ACTOR_CLASS is None:
-        _ACTOR_CLASS = ray.remote(_NodeActor)
+        _ACTOR_CLASS = ray.remote(concurrency_groups={"control": 1})(_NodeActor)
     return _ACTOR_CLASS
 
 
@@ -354,7 +354,6 @@ class RayReplica(Replica):
                 # with a clear error and a replacement runs setup() again.
                 max_restarts=0,
                 max_task_retries=0,
-                concurrency_groups={"control": 1},
             )
             .remote(self.node, self.threads)
         )
