@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/dataflow run graphs/tiny_lm.py --prompt "def main(" --max-tokens 200 --seed 1
+	$(VENV)/bin/dataflow run graphs/tiny_lm.py --prompt "def main(" --max-tokens 200 --seed 1 --no-stats
 
 lint: install
 	$(VENV)/bin/ruff check .
