@@ -37,20 +37,18 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
 
 async def loop_graph(requests: int) -> list[float]:
     nodes = [df.map(_passthrough, name=f"s{k}") for k in range(4)]
-    graph = df.Graph("loop4", nodes[0] >> nodes[1] >> nodes[2] >> nodes[3])
-    samples = []
-    async with df.Engine(graph) as engine:
-        for i in range(requests // 10):  # warm up
-            await engine.run(i)
-        for i in range(requests):
-            start = time.perf_counter()
-            await engine.run(i)
-            samples.append(time.perf_counter() - start)
-    return samples
+    return await round_trips(
+        df.Graph("loop4", nodes[0] >> nodes[1] >> nodes[2] >> nodes[3]), requests
+    )
 
 
 async def thread_graph(requests: int) -> list[float]:
     graph = df.Graph("thread1", df.infer(_passthrough, name="t", placement="thread"))
+    return await round_trips(graph, requests)
+
+
+async def round_trips(graph: df.Graph, requests: int) -> list[float]:
+    """Seconds per ``engine.run``, one request at a time, after a warm-up."""
     samples = []
     async with df.Engine(graph) as engine:
         for i in range(requests // 10):

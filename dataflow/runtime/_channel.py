@@ -109,23 +109,6 @@ class Channel(Generic[T]):
                 if not wake(waiters):
                     break
 
-    async def wait_writable(self) -> None:
-        """Wait until there is room for at least one item.
-
-        Raises:
-            BrokenChannel: the receiving side was closed.
-        """
-        while len(self._buf) >= self.capacity:
-            if self.broken:
-                raise BrokenChannel(self.name)
-            start = time.perf_counter()
-            try:
-                await self.backend.park(self._send_waiters)
-            finally:
-                self.stats.blocked_s += time.perf_counter() - start
-        if self._send_waiters and len(self._buf) + 1 < self.capacity:
-            self.backend.wake(self._send_waiters)
-
     async def send(self, item: T) -> None:
         """Enqueue ``item``, waiting for room. Cancellation leaves it not enqueued.
 
