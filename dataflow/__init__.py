@@ -21,7 +21,8 @@ from ._errors import (
     NodeError,
     Overloaded,
 )
-from .engine import Engine, EngineState, MapStream, Stream
+from ._streams import MapStream, Stream
+from .engine import Engine, EngineState
 from .graph import Batch, Chain, Graph, Node, StepModel, encode, generate, infer, map, merge, shard
 
 __all__ = [

@@ -8,11 +8,10 @@ request's outputs as they come, and ``map`` runs many inputs with bounded memory
 from __future__ import annotations
 
 import enum
-import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ import anyio.abc
 
 from ._errors import EngineClosed, InvalidRequest, Overloaded
 from ._log import logger
+from ._streams import MapStream, Stream
 from .graph import Graph
 from .runtime._backend import Backend, current_backend
 from .runtime._channel import BrokenChannel, Channel
@@ -38,7 +38,7 @@ from .runtime._stats import snapshot
 from .runtime._trace import TraceOption, Tracer, make_tracer, start_tracing
 from .runtime._worker import advance, deliver, deliver_nowait
 
-__all__ = ["Engine", "EngineState", "MapStream", "Stream"]
+__all__ = ["Engine", "EngineState"]
 
 
 class EngineState(enum.Enum):
@@ -506,221 +506,3 @@ class Engine:
     def items_inside(self) -> int:
         """How many items the graph holds right now (channels and merge buffers)."""
         return 0 if self._scheduler is None else self._scheduler.items_inside()
-
-
-class Stream:
-    """The outputs of one request, as an async iterator; closing it cancels the request."""
-
-    def __init__(
-        self, engine: Engine, x: Any, timeout: float | None, wait: bool, params: dict[str, Any]
-    ) -> None:
-        self._engine = engine
-        self._args = (x, timeout, wait, params)
-        self._req: Request | None = None
-        self._closed = False
-
-    @property
-    def request_id(self) -> int | None:
-        return None if self._req is None else self._req.id
-
-    def __aiter__(self) -> Stream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._req is None:
-            x, timeout, wait, params = self._args
-            self._req = await self._engine._submit(x, timeout, wait, params, streaming=True)
-        try:
-            ok, value = await self._req.next_output()
-        except BaseException:
-            self._close()
-            raise
-        if not ok:
-            self._closed = True
-            raise StopAsyncIteration
-        return value
-
-    def _close(self) -> None:
-        self._closed = True
-        if self._req is not None:
-            self._req.cancel()
-
-    async def aclose(self) -> None:
-        """Stop the stream; a request still running is cancelled everywhere."""
-        self._close()
-
-    async def __aenter__(self) -> Stream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._close()
-
-    def __del__(self) -> None:
-        # Leaving ``async for`` with ``break`` drops the last reference here (CPython):
-        # cancel the request at once rather than let it run to the end. Only on the loop's
-        # own thread, where touching the request is safe.
-        req = self._req
-        if req is not None and not req.done and threading.get_ident() == self._engine._loop_thread:
-            req.cancel()
-
-
-class MapStream:
-    """Results of ``Engine.map`` as an async iterator; closing it cancels what is left."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        inputs: Iterable[Any] | AsyncIterable[Any],
-        ordered: bool,
-        window: int,
-        timeout: float | None,
-        return_exceptions: bool,
-        params: dict[str, Any],
-    ) -> None:
-        self._engine = engine
-        self._sync: Iterator[Any] | None = None
-        self._async: AsyncIterator[Any] | None = None
-        if isinstance(inputs, AsyncIterable):
-            self._async = aiter(inputs)
-        elif isinstance(inputs, Iterable):
-            self._sync = iter(inputs)
-        else:
-            raise TypeError(f"map needs an iterable or async iterable, got {type(inputs).__name__}")
-        self._ordered = ordered
-        self._window = window
-        self._timeout = timeout
-        self._return_exceptions = return_exceptions
-        self._params = params
-        self._pending: deque[Request] = deque()
-        self._finished: deque[Request] = deque()
-        self._waiters: deque[Any] = deque()
-        self._exhausted = False
-        self._closed = False
-        self._since_checkpoint = 0
-
-    def __aiter__(self) -> MapStream:
-        return self
-
-    async def _next_input(self) -> tuple[bool, Any]:
-        if self._sync is not None:
-            try:
-                return True, next(self._sync)
-            except StopIteration:
-                return False, None
-        assert self._async is not None
-        try:
-            return True, await anext(self._async)
-        except StopAsyncIteration:
-            return False, None
-
-    def _ready(self) -> Request | None:
-        if self._ordered:
-            if self._pending and self._pending[0].done:
-                return self._pending.popleft()
-            return None
-        if self._finished:
-            req = self._finished.popleft()
-            self._pending.remove(req)
-            return req
-        return None
-
-    async def __anext__(self) -> Any:
-        engine = self._engine
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            while True:
-                req = self._ready()
-                if req is not None:
-                    return self._result(req)
-                room = self._window - len(self._pending)
-                if not self._exhausted and room > 0:
-                    if self._sync is not None and (
-                        engine.max_in_flight is None or engine._admitted < engine.max_in_flight
-                    ):
-                        await self._submit_ready(room)
-                        continue
-                    more, x = await self._next_input()
-                    if not more:
-                        self._exhausted = True
-                        continue
-                    req = await engine._submit(
-                        x, self._timeout, True, self._params, False, self._on_done
-                    )
-                    self._pending.append(req)
-                    continue
-                if not self._pending:
-                    self._closed = True
-                    raise StopAsyncIteration
-                assert engine._backend is not None
-                await engine._backend.park(self._waiters)
-        except BaseException as exc:
-            if not isinstance(exc, StopAsyncIteration):
-                self._cancel_pending()
-            raise
-
-    async def _submit_ready(self, room: int) -> None:
-        """Pull up to ``room`` inputs from a sync iterable and submit them together, so
-        idle stages process them as one batch instead of one hop each."""
-        assert self._sync is not None
-        xs = list(itertools.islice(self._sync, room))
-        if len(xs) < room:
-            self._exhausted = True
-        while xs:
-            engine = self._engine
-            reqs, rest, dest = engine._submit_many(xs, self._timeout, self._params, self._on_done)
-            self._pending.extend(reqs)
-            xs = xs[len(reqs) :]
-            if rest:
-                await engine._enter_slowly(rest, dest, reqs[0].deadline)
-            if xs:  # admission is full: wait for room like a single submission
-                req = await self._engine._submit(
-                    xs.pop(0), self._timeout, True, self._params, False, self._on_done
-                )
-                self._pending.append(req)
-        self._since_checkpoint += room
-        if self._since_checkpoint >= 256:
-            # A graph that runs entirely inline never suspends: stay fair to the loop.
-            self._since_checkpoint = 0
-            await anyio.lowlevel.checkpoint()
-
-    def _on_done(self, req: Request) -> None:
-        if not self._ordered:
-            self._finished.append(req)
-        elif not self._pending or self._pending[0] is not req:
-            return  # in order: only the head can be yielded next
-        if self._waiters:
-            backend = self._engine._backend
-            assert backend is not None
-            backend.wake(self._waiters)
-
-    def _result(self, req: Request) -> Any:
-        try:
-            return self._engine._outcome(req)
-        except Exception as exc:
-            if self._return_exceptions:
-                return exc
-            raise
-
-    def _cancel_pending(self) -> None:
-        self._closed = True
-        for req in self._pending:
-            req.cancel()
-        self._pending.clear()
-
-    async def aclose(self) -> None:
-        """Stop; requests of this map still running are cancelled."""
-        self._cancel_pending()
-
-    async def __aenter__(self) -> MapStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._cancel_pending()
-
-    def __del__(self) -> None:
-        if self._pending and threading.get_ident() == self._engine._loop_thread:
-            for req in self._pending:
-                req.cancel()

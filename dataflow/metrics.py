@@ -26,7 +26,7 @@ Metrics (``_total`` are counters, the rest gauges):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -77,6 +77,13 @@ class EngineCollector:
         yield from fams.all()
 
 
+def _keyed(
+    labels: list[str], *rows: tuple[str, Callable[..., Metric], str, str]
+) -> list[tuple[str, Metric]]:
+    """``(stats key, family)`` pairs from ``(stats key, family type, name, help)`` rows."""
+    return [(key, make(name, doc, labels=labels)) for key, make, name, doc in rows]
+
+
 class _Families:
     def __init__(self) -> None:
         g, c = GaugeMetricFamily, CounterMetricFamily
@@ -85,11 +92,13 @@ class _Families:
         edge = ["graph", "edge"]
         self.requests = c("dataflow_requests", "Requests by outcome", labels=["graph", "outcome"])
         self.in_flight = g("dataflow_requests_in_flight", "Requests inside", labels=["graph"])
-        self.items_in = c("dataflow_node_items_in", "Items taken in by a node", labels=node)
-        self.items_out = c("dataflow_node_items_out", "Items emitted by a node", labels=node)
-        self.failed = c("dataflow_node_items_failed", "Items whose body raised", labels=node)
-        self.cancelled = c(
-            "dataflow_node_items_cancelled", "Items dropped: request ended", labels=node
+        # One sample per node, read straight from the node's stats under the key given.
+        self.node_counts = _keyed(
+            node,
+            ("items_in", c, "dataflow_node_items_in", "Items taken in by a node"),
+            ("items_out", c, "dataflow_node_items_out", "Items emitted by a node"),
+            ("failed", c, "dataflow_node_items_failed", "Items whose body raised"),
+            ("cancelled", c, "dataflow_node_items_cancelled", "Items dropped: request ended"),
         )
         self.busy_s = c(
             "dataflow_node_busy_seconds", "Seconds a replica spent in its body", labels=replica
@@ -108,15 +117,25 @@ class _Families:
         self.batch_wait = g(
             "dataflow_node_batch_wait_seconds", "Median wait for a batch to fill", labels=node
         )
-        self.capacity = g("dataflow_edge_capacity", "Edge capacity", labels=edge)
-        self.depth = g("dataflow_edge_depth", "Items in an edge now", labels=edge)
-        self.max_depth = g("dataflow_edge_max_depth", "Most items seen in an edge", labels=edge)
-        self.edge_items = c("dataflow_edge_items", "Items through an edge", labels=edge)
-        self.blocked = c(
-            "dataflow_edge_blocked_seconds", "Producer time blocked on a full edge", labels=edge
-        )
-        self.starved = c(
-            "dataflow_edge_starved_seconds", "Consumer time waiting on an empty edge", labels=edge
+        # One sample per edge, likewise.
+        self.edge_figures = _keyed(
+            edge,
+            ("capacity", g, "dataflow_edge_capacity", "Edge capacity"),
+            ("depth", g, "dataflow_edge_depth", "Items in an edge now"),
+            ("max_depth", g, "dataflow_edge_max_depth", "Most items seen in an edge"),
+            ("items", c, "dataflow_edge_items", "Items through an edge"),
+            (
+                "blocked_s",
+                c,
+                "dataflow_edge_blocked_seconds",
+                "Producer time blocked on a full edge",
+            ),
+            (
+                "starved_s",
+                c,
+                "dataflow_edge_starved_seconds",
+                "Consumer time waiting on an empty edge",
+            ),
         )
         self.bottleneck = g(
             "dataflow_bottleneck",
@@ -132,10 +151,8 @@ class _Families:
         self.in_flight.add_metric([graph], reqs["in_flight"])
         for name, n in stats.get("nodes", {}).items():
             labels = [graph, name]
-            self.items_in.add_metric(labels, n["items_in"])
-            self.items_out.add_metric(labels, n["items_out"])
-            self.failed.add_metric(labels, n["failed"])
-            self.cancelled.add_metric(labels, n["cancelled"])
+            for key, family in self.node_counts:
+                family.add_metric(labels, n[key])
             for i, (secs, share) in enumerate(zip(n["busy_s"], n["busy"], strict=True)):
                 self.busy_s.add_metric([graph, name, str(i)], secs)
                 self.busy.add_metric([graph, name, str(i)], share)
@@ -146,18 +163,21 @@ class _Families:
             self.batch_wait.add_metric(labels, n["batch_wait_p50_s"])
         for edge, e in stats.get("edges", {}).items():
             labels = [graph, edge]
-            self.capacity.add_metric(labels, e["capacity"])
-            self.depth.add_metric(labels, e["depth"])
-            self.max_depth.add_metric(labels, e["max_depth"])
-            self.edge_items.add_metric(labels, e["items"])
-            self.blocked.add_metric(labels, e["blocked_s"])
-            self.starved.add_metric(labels, e["starved_s"])
+            for key, family in self.edge_figures:
+                family.add_metric(labels, e[key])
         neck = stats.get("bottleneck")
         if neck:
             self.bottleneck.add_metric([graph, neck["node"], str(neck["saturated"]).lower()], 1)
 
     def all(self) -> list[Metric]:
-        return [v for v in vars(self).values() if isinstance(v, Metric)]
+        """Every family, in the order defined."""
+        families: list[Metric] = []
+        for value in vars(self).values():
+            if isinstance(value, Metric):
+                families.append(value)
+            else:
+                families.extend(family for _, family in value)
+        return families
 
 
 def make_registry(*engines: Engine) -> CollectorRegistry:

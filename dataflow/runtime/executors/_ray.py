@@ -276,7 +276,10 @@ def _unwrap(exc: ray.exceptions.RayTaskError) -> BaseException:
     cause = exc.cause
     if not isinstance(cause, Exception) or isinstance(cause, ray.exceptions.RayError):
         return exc
-    cause.add_note(f"raised in a Ray actor:\n{exc.traceback_str}")
+    # A "dual" RayTaskError (also an instance of the cause's class) keeps the remote
+    # traceback only in its message.
+    remote = getattr(exc, "traceback_str", None) or str(exc)
+    cause.add_note(f"raised in a Ray actor:\n{remote}")
     return cause
 
 
