@@ -18,7 +18,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,15 @@ def summarise(label: str, wall: float, ttfts: list[float], tokens: int) -> dict[
     }
 
 
+async def run_clients(clients: int, one: Callable[[int], Coroutine[Any, Any, None]]) -> float:
+    """Runs ``one(0) .. one(clients - 1)`` concurrently; returns the wall time in seconds."""
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(clients):
+            tg.start_soon(one, i)
+    return time.perf_counter() - start
+
+
 async def in_process(clients: int, tokens: int, step_ms: float) -> dict[str, Any]:
     ttfts: list[float] = []
     counts: list[int] = []
@@ -66,11 +76,7 @@ async def in_process(clients: int, tokens: int, step_ms: float) -> dict[str, Any
         counts.append(n)
 
     async with df.Engine(build(step_ms, clients)) as engine:
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for i in range(clients):
-                tg.start_soon(one, engine, i)
-        wall = time.perf_counter() - start
+        wall = await run_clients(clients, partial(one, engine))
     assert counts == [tokens] * clients, counts
     return summarise("in-process", wall, ttfts, sum(counts))
 
@@ -97,11 +103,7 @@ async def over_http(url: str, clients: int, tokens: int) -> dict[str, Any]:
     async with httpx.AsyncClient(limits=limits, timeout=60) as http:
         # warm-up: one request opens the path (imports, first connection)
         await http.post(url + "/v1/completions", json={"model": "synthetic", "prompt": "w"})
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for i in range(clients):
-                tg.start_soon(one, http, i)
-        wall = time.perf_counter() - start
+        wall = await run_clients(clients, partial(one, http))
     assert counts == [tokens] * clients, counts
     return summarise("http", wall, ttfts, sum(counts))
 

@@ -219,10 +219,6 @@ class Engine:
         for req in list(self._live.values()):
             req.cancel(EngineClosed(f"engine closed while request {req.id} was in flight"))
 
-    async def aclose(self) -> None:
-        """Not supported: the engine's tasks belong to the ``async with`` block."""
-        raise EngineClosed("leave the 'async with Engine(...)' block to close the engine")
-
     # -- requests ----------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._state is not EngineState.OPEN:

@@ -77,9 +77,12 @@ class EngineCollector:
         yield from fams.all()
 
 
+_Family = GaugeMetricFamily | CounterMetricFamily
+
+
 def _keyed(
-    labels: list[str], *rows: tuple[str, Callable[..., Metric], str, str]
-) -> list[tuple[str, Metric]]:
+    labels: list[str], *rows: tuple[str, Callable[..., _Family], str, str]
+) -> list[tuple[str, _Family]]:
     """``(stats key, family)`` pairs from ``(stats key, family type, name, help)`` rows."""
     return [(key, make(name, doc, labels=labels)) for key, make, name, doc in rows]
 

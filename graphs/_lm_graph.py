@@ -57,9 +57,21 @@ def lm_graph(
     *,
     max_prompt: int,
     train_command: str,
+    max_batch: int = 32,
+    max_new_tokens: int = 128,
+    max_new_tokens_limit: int = 4096,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    replicas: int = 1,
+    placement: str = "auto",
+    threads: int | None = None,
     **options: Any,
 ) -> df.Graph:
-    """``encode >> generate`` for a byte-level step model.
+    """``encode >> generate`` for a byte-level step model: what each LM graph's ``build`` does.
+
+    ``max_batch`` and the options after it are the LM graphs' defaults for
+    :func:`dataflow.generate`; ``**options`` passes further ones through. Per-request
+    parameters: ``max_new_tokens``, ``temperature``, ``top_k``, ``seed``, ``stop``.
 
     Raises:
         GraphError: the weights file is missing (the message says how to train it).
@@ -67,5 +79,18 @@ def lm_graph(
     if not weights.is_file():
         raise df.GraphError(f"graph {name!r}: no weights at {weights}; train with {train_command}")
     encode = df.encode(PromptBytes(max_prompt), name="prompt")
-    generate = df.generate(factory, name=name, decode="bytes", **options)
+    generate = df.generate(
+        factory,
+        name=name,
+        decode="bytes",
+        max_batch=max_batch,
+        max_new_tokens=max_new_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+        temperature=temperature,
+        top_k=top_k,
+        replicas=replicas,
+        placement=placement,
+        threads=threads,
+        **options,
+    )
     return df.Graph(name, encode >> generate)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphs._slots import SlotAllocator, check_bytes
-from graphs._weights import read_weights, save_weights
+from graphs._slots import SlotAllocator
+from graphs._weights import load_model, save_weights
 
 __all__ = [
     "KIND",
@@ -146,11 +146,7 @@ class LSTMSlotCache(SlotAllocator):
         Raises:
             ValueError: on an empty prompt, a byte outside 0..255, or a bad slot.
         """
-        self._check(slot)
-        prompt = [int(i) for i in ids]
-        if not prompt:
-            raise ValueError("prefill needs at least one id")
-        check_bytes(prompt)
+        prompt = self._prompt(slot, ids)
         with torch.no_grad():
             logits, (h, c) = self.model.forward_with_state(
                 torch.tensor([prompt], device=self.h.device)
@@ -174,15 +170,7 @@ class LSTMSlotCache(SlotAllocator):
         Raises:
             ValueError: on mismatched lengths, repeated or unfilled slots, or bad bytes.
         """
-        if len(slots) != len(last_ids):
-            raise ValueError(f"{len(slots)} slots but {len(last_ids)} ids")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots repeat in {list(slots)}")
-        new_ids = [int(i) for i in last_ids]
-        check_bytes(new_ids)
-        for slot in slots:
-            if not self.length(slot):
-                raise ValueError(f"slot {slot} is empty: prefill it before stepping")
+        new_ids = self._step_ids(slots, last_ids)
         if not slots:
             return torch.empty(0, self.model.config.vocab_size, device=self.h.device)
         device = self.h.device
@@ -201,16 +189,7 @@ class LSTMSlotCache(SlotAllocator):
 def save_lstm_lm(
     model: LSTMLanguageModel, path: str | Path, extra: dict[str, str] | None = None
 ) -> int:
-    """Saves ``model`` as fp16 safetensors with its config in the metadata.
-
-    Args:
-        model: the model.
-        path: the file to write.
-        extra: further metadata (metrics, the training command).
-
-    Returns:
-        The file size in bytes.
-    """
+    """Saves ``model`` with :func:`graphs._weights.save_weights`; returns the file size."""
     return save_weights(model, path, kind=KIND, config=asdict(model.config), extra=extra)
 
 
@@ -227,7 +206,4 @@ def load_lstm_lm(path: str | Path, device: str | torch.device = "cpu") -> LSTMLa
     Raises:
         ValueError: when the file is not an LSTM weights file.
     """
-    config, state, _ = read_weights(path, KIND)
-    model = LSTMLanguageModel(LSTMConfig(**config))
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return load_model(path, KIND, lambda config: LSTMLanguageModel(LSTMConfig(**config)), device)

@@ -78,6 +78,42 @@ class SlotAllocator:
             raise ValueError(f"slot {slot} out of range 0..{self._max_batch - 1}")
         return slot
 
+    def length(self, slot: int) -> int:
+        """The number of bytes ``slot`` holds (0 when free or not yet prefilled)."""
+        raise NotImplementedError
+
+    def _prompt(self, slot: int, ids: Sequence[int], window: int | None = None) -> list[int]:
+        """Checks a ``prefill``: returns the prompt as ints, only its last ``window`` kept.
+
+        Raises:
+            ValueError: on a bad slot, an empty prompt, or a kept id outside 0..255.
+        """
+        self._check(slot)
+        prompt = [int(i) for i in ids]
+        if window is not None:
+            prompt = prompt[-window:]
+        if not prompt:
+            raise ValueError("prefill needs at least one id")
+        check_bytes(prompt)
+        return prompt
+
+    def _step_ids(self, slots: Sequence[int], last_ids: Sequence[int]) -> list[int]:
+        """Checks a ``step``: returns ``last_ids`` as ints.
+
+        Raises:
+            ValueError: on mismatched lengths, repeated or unfilled slots, or bad bytes.
+        """
+        if len(slots) != len(last_ids):
+            raise ValueError(f"{len(slots)} slots but {len(last_ids)} ids")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots repeat in {list(slots)}")
+        new_ids = [int(i) for i in last_ids]
+        check_bytes(new_ids)
+        for slot in slots:
+            if not self.length(slot):
+                raise ValueError(f"slot {slot} is empty: prefill it before stepping")
+        return new_ids
+
 
 def check_bytes(ids: Sequence[int]) -> None:
     """Raises ``ValueError`` unless every id is a byte value (0..255)."""

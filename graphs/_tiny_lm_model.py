@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs._slots import SlotAllocator, check_bytes
-from graphs._weights import read_weights, save_weights
+from graphs._slots import SlotAllocator
+from graphs._weights import load_model, save_weights
 
 __all__ = ["KIND", "SlotCache", "TinyLM", "TinyLMConfig", "load_tiny_lm", "save_tiny_lm"]
 
@@ -258,11 +258,7 @@ class SlotCache(SlotAllocator):
         Raises:
             ValueError: on an empty prompt, a byte outside 0..255, or a bad slot.
         """
-        self._check(slot)
-        kept = [int(i) for i in ids][-self.context :]
-        if not kept:
-            raise ValueError("prefill needs at least one id")
-        check_bytes(kept)
+        kept = self._prompt(slot, ids, self.context)
         self._used[slot] = True
         return self._prefill(slot, kept)
 
@@ -292,15 +288,8 @@ class SlotCache(SlotAllocator):
         Raises:
             ValueError: on mismatched lengths, repeated or unfilled slots, or bad bytes.
         """
-        if len(slots) != len(last_ids):
-            raise ValueError(f"{len(slots)} slots but {len(last_ids)} ids")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots repeat in {list(slots)}")
-        new_ids = [int(i) for i in last_ids]
-        check_bytes(new_ids)
+        new_ids = self._step_ids(slots, last_ids)
         for slot in slots:
-            if not self.length(slot):
-                raise ValueError(f"slot {slot} is empty: prefill it before stepping")
             if self.length(slot) == self.context:
                 self._prefill(slot, self._ids[slot][-(self.context // 2) :])
         if not slots:
@@ -333,16 +322,7 @@ class SlotCache(SlotAllocator):
 
 
 def save_tiny_lm(model: TinyLM, path: str | Path, extra: dict[str, str] | None = None) -> int:
-    """Saves ``model`` as fp16 safetensors with its config in the metadata.
-
-    Args:
-        model: the model.
-        path: the file to write.
-        extra: further metadata (metrics, the training command).
-
-    Returns:
-        The file size in bytes.
-    """
+    """Saves ``model`` with :func:`graphs._weights.save_weights`; returns the file size."""
     return save_weights(model, path, kind=KIND, config=asdict(model.config), extra=extra)
 
 
@@ -359,7 +339,4 @@ def load_tiny_lm(path: str | Path, device: str | torch.device = "cpu") -> TinyLM
     Raises:
         ValueError: when the file is not a tiny-LM weights file.
     """
-    config, state, _ = read_weights(path, KIND)
-    model = TinyLM(TinyLMConfig(**config))
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return load_model(path, KIND, lambda config: TinyLM(TinyLMConfig(**config)), device)

@@ -13,11 +13,12 @@ import json
 import math
 import platform
 import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +28,27 @@ from torch import nn
 
 from graphs._corpus import eval_windows, iter_windows, load_corpus
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = [
     "TrainResult",
     "add_training_args",
     "bits_per_byte",
     "cosine_lr",
     "evaluate",
+    "parse_trainer_args",
     "train",
+    "train_model",
 ]
 
 #: Learning rate at the end of the cosine, as a fraction of the peak.
 MIN_LR_RATIO = 0.1
 #: Bytes per window-batch when evaluating; bounds evaluation memory, not its result.
 EVAL_BATCH = 128
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def add_training_args(
@@ -74,6 +83,82 @@ def add_training_args(
     parser.add_argument("--eval-every", type=int, default=eval_every, help="steps per val pass")
     parser.add_argument("--eval-windows", type=int, default=2048, help="final val windows")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+
+
+def parse_trainer_args(
+    argv: Sequence[str] | None,
+    description: str,
+    add_model_args: Callable[[argparse.ArgumentParser], None],
+    *,
+    minutes: float,
+    lr: float,
+    out: str,
+    curve: str,
+    eval_every: int,
+) -> argparse.Namespace:
+    """Parses a trainer's command line: the shared options, the model's, then ``--no-bf16``.
+
+    Args:
+        argv: the options (without the program name); ``sys.argv[1:]`` when None.
+        description: the ``--help`` description.
+        add_model_args: adds the model's shape options to the parser.
+        minutes, lr, out, curve, eval_every: per-model defaults, see :func:`add_training_args`.
+
+    Returns:
+        The parsed options.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_training_args(parser, minutes=minutes, lr=lr, out=out, curve=curve, eval_every=eval_every)
+    add_model_args(parser)
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast"
+    )
+    return parser.parse_args(argv)
+
+
+def train_model(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    *,
+    script: str,
+    kind: str,
+    config: ConfigT,
+    model_class: Callable[[ConfigT], ModelT],
+    save: Callable[[ModelT, Path, dict[str, str]], int],
+) -> TrainResult:
+    """A trainer's ``main`` after parsing: seeds, builds the model, and runs :func:`train`.
+
+    Args:
+        args: from :func:`parse_trainer_args`.
+        argv: the options as given to ``main`` (``sys.argv[1:]`` when None), recorded with
+            the results.
+        script: the trainer's path, as the recorded command runs it.
+        kind: the model family.
+        config: the model config (a dataclass with a ``context`` field: the training window).
+        model_class: builds the model from ``config``.
+        save: writes ``model``'s weights with the given metadata; returns the file size.
+
+    Returns:
+        The run's figures.
+    """
+    torch.manual_seed(args.seed)
+    model = model_class(config)
+    fields = asdict(config)
+
+    def save_model(path: Path, metadata: dict[str, str]) -> int:
+        return save(model, path, metadata)
+
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    return train(
+        model,
+        args,
+        kind=kind,
+        context=int(fields["context"]),
+        config=fields,
+        bf16=not args.no_bf16,
+        save=save_model,
+        command=["python", script, *argv_list],
+    )
 
 
 def bits_per_byte(nats: float) -> float:

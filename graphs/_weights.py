@@ -13,17 +13,19 @@ guarantees the serving code is tested against.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["FORMAT_VERSION", "read_metadata", "read_weights", "save_weights"]
+__all__ = ["FORMAT_VERSION", "load_model", "read_metadata", "read_weights", "save_weights"]
 
 FORMAT_VERSION = "1"
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 def save_weights(
@@ -90,3 +92,29 @@ def read_weights(
     config: dict[str, Any] = json.loads(metadata["config"])
     state = {name: t.float() for name, t in load_file(str(path)).items()}
     return config, state, metadata
+
+
+def load_model(
+    path: str | Path,
+    kind: str,
+    build: Callable[[dict[str, Any]], ModelT],
+    device: str | torch.device = "cpu",
+) -> ModelT:
+    """Rebuilds a model from a weights file alone, in float32 eval mode.
+
+    Args:
+        path: a file written by :func:`save_weights`.
+        kind: the model family the caller expects.
+        build: makes the (untrained) model from the config stored in the file.
+        device: where to place the model.
+
+    Returns:
+        The model with the file's weights loaded.
+
+    Raises:
+        ValueError: when the file is of another kind or format.
+    """
+    config, state, _ = read_weights(path, kind)
+    model = build(config)
+    model.load_state_dict(state)
+    return model.to(device).eval()

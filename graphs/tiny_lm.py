@@ -29,38 +29,13 @@ def _cache(path: str, max_batch: int) -> df.StepModel:
     return load_tiny_lm(path).new_cache(max_batch)
 
 
-def build(
-    *,
-    weights: str | Path = WEIGHTS / "tiny_lm.safetensors",
-    max_batch: int = 32,
-    max_new_tokens: int = 128,
-    max_new_tokens_limit: int = 4096,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    replicas: int = 1,
-    placement: str = "auto",
-    threads: int | None = None,
-    **options: Any,
-) -> df.Graph:
+def build(*, weights: str | Path = WEIGHTS / "tiny_lm.safetensors", **options: Any) -> df.Graph:
     """The tiny LM graph: ``prompt`` (text -> bytes) >> ``tiny_lm`` (generate, text out).
 
-    Per-request parameters: ``max_new_tokens``, ``temperature``, ``top_k``, ``seed``,
-    ``stop``. Raises ``GraphError`` if the weights file is missing.
+    ``options``: see :func:`graphs._lm_graph.lm_graph`. Raises ``GraphError`` if the
+    weights file is missing.
     """
     path = Path(weights)
-    return lm_graph(
-        "tiny_lm",
-        partial(_cache, str(path)),
-        path,
-        max_prompt=CONTEXT,
-        train_command="python examples/train_tiny_lm.py",
-        max_batch=max_batch,
-        max_new_tokens=max_new_tokens,
-        max_new_tokens_limit=max_new_tokens_limit,
-        temperature=temperature,
-        top_k=top_k,
-        replicas=replicas,
-        placement=placement,
-        threads=threads,
-        **options,
-    )
+    train = "python examples/train_tiny_lm.py"
+    factory = partial(_cache, str(path))
+    return lm_graph("tiny_lm", factory, path, max_prompt=CONTEXT, train_command=train, **options)

@@ -51,9 +51,11 @@ def main(args: argparse.Namespace) -> int:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    # Listening before the line below is printed: a client that connects at once waits
+    # in the backlog until the app has started, instead of being refused.
+    sock.listen(2048)
     host, port = sock.getsockname()[:2]
     names = ", ".join(g.name for g in graphs)
-    # Bound before printing, so whoever reads this line can connect at once.
     print(f"serving {names} on http://{host}:{port}", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
     with sock:

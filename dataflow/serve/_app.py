@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -187,24 +187,12 @@ class ServeApp:
         async def collect(index: int, text: str) -> None:
             texts[index].append(text)
 
-        errors: list[BaseException] = []
+        async def one(index: int) -> None:
+            counts[index] = await self._generate(model, req, index, collect)
 
-        async def one(index: int, tg: anyio.abc.TaskGroup | None) -> None:
-            try:
-                counts[index] = await self._generate(model, req, index, collect)
-            except Exception as exc:
-                errors.append(exc)
-                if tg is not None:
-                    tg.cancel_scope.cancel()  # one failed prompt fails the request
-
-        if n == 1:
-            await one(0, None)
-        else:
-            async with anyio.create_task_group() as tg:
-                for i in range(n):
-                    tg.start_soon(one, i, tg)
-        if errors:
-            await send_error(send, self.fail(errors[0], model.name))
+        error = await _first_error(n, one)  # one failed prompt fails the request
+        if error is not None:
+            await send_error(send, self.fail(error, model.name))
             return
         prompt_tokens = sum(self.count_tokens(p) for p in req.prompts)
         body = completion_response(
@@ -296,28 +284,17 @@ class ServeApp:
 
     async def _embed(self, model: Model, req: EmbeddingRequest, send: Send) -> None:
         vectors: list[Any] = [None] * len(req.inputs)
-        errors: list[BaseException] = []
 
-        async def one(index: int, tg: anyio.abc.TaskGroup | None) -> None:
-            try:
-                vectors[index] = await model.engine.run(
-                    req.inputs[index], timeout=self.timeout, wait=False, **req.params
-                )
-            except Exception as exc:
-                errors.append(exc)
-                if tg is not None:
-                    tg.cancel_scope.cancel()
+        async def one(index: int) -> None:
+            vectors[index] = await model.engine.run(
+                req.inputs[index], timeout=self.timeout, wait=False, **req.params
+            )
 
-        if len(req.inputs) == 1:
-            await one(0, None)
-        else:
-            # One request per input: dynamic batching inside the graph joins them with
-            # other clients' inputs.
-            async with anyio.create_task_group() as tg:
-                for i in range(len(req.inputs)):
-                    tg.start_soon(one, i, tg)
-        if errors:
-            await send_error(send, self.fail(errors[0], model.name))
+        # One request per input: dynamic batching inside the graph joins them with other
+        # clients' inputs.
+        error = await _first_error(len(req.inputs), one)
+        if error is not None:
+            await send_error(send, self.fail(error, model.name))
             return
         tokens = sum(self.count_tokens(t) for t in req.inputs)
         try:
@@ -391,6 +368,28 @@ class ServeApp:
     async def metrics(self, request: Request) -> Response:
         body, content_type = render(self.registry)
         return Response(body, media_type=content_type)
+
+
+async def _first_error(n: int, call: Callable[[int], Awaitable[None]]) -> BaseException | None:
+    """Runs ``call(0) .. call(n - 1)``, concurrently when ``n > 1``; the first to raise
+    cancels the rest. Returns that exception, or None when all succeeded."""
+    errors: list[BaseException] = []
+
+    async def one(index: int, tg: anyio.abc.TaskGroup | None) -> None:
+        try:
+            await call(index)
+        except Exception as exc:
+            errors.append(exc)
+            if tg is not None:
+                tg.cancel_scope.cancel()
+
+    if n == 1:
+        await one(0, None)
+    else:
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i, tg)
+    return errors[0] if errors else None
 
 
 def _error_response(err: ApiError) -> Response:

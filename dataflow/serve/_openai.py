@@ -156,6 +156,27 @@ def _sampling_value(name: str, value: Any) -> Any:
 
 
 # -- requests -------------------------------------------------------------------------
+def _open_body(
+    body: Any,
+    accepts: Callable[[str, str], Accepts],
+    endpoint: str,
+    allowed: frozenset[str],
+    texts: str,
+) -> tuple[dict[str, Any], str, Accepts, list[str]]:
+    """The checks that open both OpenAI bodies, in order: an object of ``allowed`` fields,
+    the model, the required ``texts`` field, the model serving ``endpoint``, the texts.
+
+    Returns:
+        ``(body, model, the model's parameter test, the texts)``.
+    """
+    body = _check_object(body, allowed, f"/v1/{endpoint}")
+    model = _model(body)
+    if texts not in body:
+        raise _bad(texts, f"{texts!r} is required")
+    takes = accepts(model, endpoint)
+    return body, model, takes, _texts(texts, body[texts])
+
+
 @dataclass
 class CompletionRequest:
     """A checked ``POST /v1/completions`` body."""
@@ -174,12 +195,10 @@ def parse_completion(body: Any, accepts: Callable[[str, str], Accepts]) -> Compl
     Raises:
         ApiError: 400 naming the field; 404 for an unknown model (from ``accepts``).
     """
-    body = _check_object(body, _COMPLETION_FIELDS, "/v1/completions")
-    model = _model(body)
-    if "prompt" not in body:
-        raise _bad("prompt", "'prompt' is required")
-    takes = accepts(model, "completions")
-    req = CompletionRequest(model, _texts("prompt", body["prompt"]))
+    body, model, takes, prompts = _open_body(
+        body, accepts, "completions", _COMPLETION_FIELDS, "prompt"
+    )
+    req = CompletionRequest(model, prompts)
     stream = body.get("stream")
     req.stream = stream is not None and _bool("stream", stream)
     options = body.get("stream_options")
@@ -227,12 +246,8 @@ def parse_embedding(body: Any, accepts: Callable[[str, str], Accepts]) -> Embedd
     Raises:
         ApiError: 400 naming the field; 404 for an unknown model.
     """
-    body = _check_object(body, _EMBEDDING_FIELDS, "/v1/embeddings")
-    model = _model(body)
-    if "input" not in body:
-        raise _bad("input", "'input' is required")
-    takes = accepts(model, "embeddings")
-    req = EmbeddingRequest(model, _texts("input", body["input"]))
+    body, model, takes, inputs = _open_body(body, accepts, "embeddings", _EMBEDDING_FIELDS, "input")
+    req = EmbeddingRequest(model, inputs)
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise _bad("encoding_format", "'encoding_format' must be 'float' or 'base64'")
