@@ -383,12 +383,26 @@ class NodeRunner:
         timeout = self.node.timeout
         start = time.perf_counter()
         try:
+            if replica.interruptible:
+                return await self._call_interruptible(replica, value, kw, req)
             if timeout is None:
                 return await replica.call(value, kw)
             with anyio.fail_after(timeout):
                 return await replica.call(value, kw)
         finally:
             self._computed(index, req, start)
+
+    async def _call_interruptible(
+        self, replica: Replica, value: Any, kw: dict[str, Any], req: Request
+    ) -> Any:
+        """A call that stops waiting when its request ends, so that the replica cancels
+        it where it runs (a Ray actor drops it if it has not begun); returns None then,
+        a result nobody receives, like any result of an ended request."""
+        with anyio.CancelScope() as scope:
+            req.add_cleanup(scope.cancel)
+            with anyio.fail_after(self.node.timeout):
+                return await replica.call(value, kw)
+        return None
 
     def _computed(self, index: int, req: Request, start: float) -> None:
         # Busy is the body's time only: a replica blocked handing its output to a full

@@ -80,6 +80,10 @@ class Replica:
         # Items the runner may keep outstanding here at once, one worker lane each: more
         # than one where a call's round trip is worth hiding (a Ray actor queues them).
         self.in_flight = 1
+        # Whether the runner may stop waiting for a call whose request ended: true where
+        # the replica can then cancel the call where it runs (Ray), so a thread's queue
+        # never fills with abandoned work.
+        self.interruptible = False
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` where this replica runs and return the result."""

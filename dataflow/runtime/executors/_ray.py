@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import threading
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,12 +55,12 @@ OPTION_KEYS = frozenset(
         "max_in_flight",
         "address",
         "start_timeout",
+        "runtime_env",
     }
 )
 
 _END = object()
 _TEARDOWN_S = 30.0  # the most ``stop()`` waits for a body's teardown() in its actor
-_CANCEL_WINDOW = 1024  # call ids an actor remembers as cancelled before it forgets
 
 
 class ActorLost(RuntimeError):
@@ -86,6 +85,8 @@ class RayOptions:
         address: the Ray cluster to join if Ray is not initialised yet (``None``: the
             ``RAY_ADDRESS`` variable, else a new local instance); ignored once it is.
         start_timeout: seconds an actor may take to be placed and run ``setup()``.
+        runtime_env: Ray's runtime environment for the actors (e.g. ``{"working_dir":
+            "."}`` so that workers can import the body's module).
     """
 
     num_cpus: float = 1.0
@@ -95,6 +96,7 @@ class RayOptions:
     max_in_flight: int = 2
     address: str | None = None
     start_timeout: float = 120.0
+    runtime_env: dict[str, Any] | None = None
 
 
 def ray_options(node: Node) -> RayOptions:
@@ -145,6 +147,12 @@ def ray_options(node: Node) -> RayOptions:
             f"'ray://host:10001', got {address!r}",
             nodes=(node.name,),
         )
+    runtime_env = opts.get("runtime_env")
+    if runtime_env is not None and not isinstance(runtime_env, dict):
+        raise GraphError(
+            f"{where}: Ray option 'runtime_env' must be a dict, got {runtime_env!r}",
+            nodes=(node.name,),
+        )
     start_timeout = number("start_timeout", 120.0, minimum=0.0)
     if start_timeout <= 0:
         raise GraphError(f"{where}: Ray option 'start_timeout' must be > 0", nodes=(node.name,))
@@ -156,6 +164,7 @@ def ray_options(node: Node) -> RayOptions:
         max_in_flight=number("max_in_flight", 2, minimum=1, integer=True),
         address=address,
         start_timeout=float(start_timeout),
+        runtime_env=runtime_env,
     )
 
 
@@ -178,17 +187,16 @@ class _NodeActor:
     """One replica's body inside a Ray worker process.
 
     Calls run one at a time on the actor's default thread, so thread-local state set up
-    by ``setup()`` stays put; ``cancel`` runs in a separate control thread so that it can
-    overtake queued calls.
+    by ``setup()`` stays put. The actor also has a ``control`` concurrency group: that
+    makes Ray treat it as a threaded actor, whose queued calls ``ray.cancel`` drops (a
+    plain actor runs them anyway), and lets ``stop`` overtake a running generator.
     """
 
     def __init__(self, node: Node, threads: int | None) -> None:
         self._node = node
         self._threads = threads
         self._body: Any = None
-        self._lock = threading.Lock()
-        self._cancelled: set[int] = set()
-        self._newest = -1  # the highest call id begun
+        self._stopping: dict[int, bool] = {}  # running generators: stream id -> stop?
 
     def setup(self) -> int:
         if self._threads is not None:
@@ -200,57 +208,33 @@ class _NodeActor:
         self._body = build_body(self._node, True)
         return os.getpid()
 
-    def _begin(self, cid: int) -> bool:
-        with self._lock:
-            self._newest = max(self._newest, cid)
-            return cid not in self._cancelled
+    def call(self, value: Any, kw: dict[str, Any]) -> Any:
+        return self._body(value, **kw)
 
-    def _end(self, cid: int) -> None:
-        with self._lock:
-            self._cancelled.discard(cid)
-
-    def call(self, cid: int, value: Any, kw: dict[str, Any]) -> Any:
-        if not self._begin(cid):
-            return None  # nobody waits for it any more
-        try:
-            return self._body(value, **kw)
-        finally:
-            self._end(cid)
-
-    def call_batch(self, cid: int, values: list[Any], kw: dict[str, Any]) -> Any:
+    def call_batch(self, values: list[Any], kw: dict[str, Any]) -> Any:
         from .._batching import run_batch
 
         batch = self._node.batch
         assert isinstance(batch, Batch)  # RayReplica only sends batches for batched nodes
-        if not self._begin(cid):
-            return None
-        try:
-            return run_batch(self._body, batch, values, kw)
-        finally:
-            self._end(cid)
+        return run_batch(self._body, batch, values, kw)
 
-    def iterate(self, cid: int, value: Any, kw: dict[str, Any]) -> Iterator[Any]:
-        if not self._begin(cid):
-            return
+    def iterate(self, sid: int, value: Any, kw: dict[str, Any]) -> Iterator[Any]:
+        self._stopping[sid] = False
         gen = self._body(value, **kw)
         try:
             for out in gen:
                 yield out
-                if cid in self._cancelled:
+                if self._stopping[sid]:
                     return
         finally:
             gen.close()
-            self._end(cid)
+            del self._stopping[sid]
 
-    @ray.method(concurrency_group="control")  # type: ignore[untyped-decorator]
-    def cancel(self, cid: int) -> None:
-        with self._lock:
-            if cid > self._newest - _CANCEL_WINDOW:
-                self._cancelled.add(cid)
-            if len(self._cancelled) > _CANCEL_WINDOW:
-                # Ids of calls that ended before their cancel arrived: forget the oldest.
-                floor = self._newest - _CANCEL_WINDOW
-                self._cancelled = {c for c in self._cancelled if c > floor}
+    @ray.method(concurrency_group="control")
+    def stop(self, sid: int) -> None:
+        # Only a running generator is marked: a queued one is dropped by ray.cancel.
+        if sid in self._stopping:
+            self._stopping[sid] = True
 
     def teardown(self) -> None:
         body, self._body = self._body, None
@@ -266,7 +250,9 @@ _ACTOR_CLASS: Any = None
 def _actor_class() -> Any:
     global _ACTOR_CLASS
     if _ACTOR_CLASS is None:
-        _ACTOR_CLASS = ray.remote(concurrency_groups={"control": 1})(_NodeActor)
+        _ACTOR_CLASS = ray.remote(concurrency_groups={"control": 1})(  # type: ignore[call-overload]
+            _NodeActor
+        )
     return _ACTOR_CLASS
 
 
@@ -320,6 +306,7 @@ class RayReplica(Replica):
         self.options = options
         self.threads = threads
         self.in_flight = options.max_in_flight
+        self.interruptible = True
         self._asyncio = backend.name == "asyncio"
         self._actor: Any = None
         self._generation = 0  # which actor this is; failures of an older one are old news
@@ -353,6 +340,7 @@ class RayReplica(Replica):
                 num_cpus=opts.num_cpus,
                 num_gpus=opts.num_gpus,
                 resources=opts.resources or None,
+                runtime_env=opts.runtime_env,
                 # Restarts are this replica's business, so that in-flight items fail
                 # with a clear error and a replacement runs setup() again.
                 max_restarts=0,
@@ -362,19 +350,20 @@ class RayReplica(Replica):
         )
         self._actor = actor
         try:
-            with anyio.fail_after(opts.start_timeout):
-                await self._resolve(actor.setup.remote(), actor, None)
-        except TimeoutError:
+            with anyio.move_on_after(opts.start_timeout) as waited:
+                await self._resolve(actor.setup.remote())
+        except BaseException:
             self._drop_actor()
+            raise
+        if waited.cancelled_caught:
+            self._drop_actor()
+            available = ray.available_resources()  # type: ignore[no-untyped-call]
             raise TimeoutError(
                 f"node {self.node.name!r}: Ray actor {self.index} did not start within "
                 f"{opts.start_timeout:g} s; the cluster may lack the resources it asks for "
                 f"(num_cpus={opts.num_cpus:g}, num_gpus={opts.num_gpus:g}, "
-                f"resources={opts.resources}); available: {ray.available_resources()}"
-            ) from None
-        except BaseException:
-            self._drop_actor()
-            raise
+                f"resources={opts.resources}); available: {available}"
+            )
 
     async def stop(self) -> None:
         """Run ``teardown()`` in the actor (bounded wait), then kill it; never raises."""
@@ -385,7 +374,7 @@ class RayReplica(Replica):
         self._generation += 1
         with anyio.CancelScope(shield=True), anyio.move_on_after(_TEARDOWN_S):
             try:
-                await self._resolve(actor.teardown.remote(), actor, None)
+                await self._resolve(actor.teardown.remote())
             except Exception:  # a failing teardown must not hide the engine's own exit
                 pass
         _kill(actor)
@@ -430,8 +419,9 @@ class RayReplica(Replica):
         )
 
     # -- calls ---------------------------------------------------------------------------
-    async def _resolve(self, ref: Any, actor: Any, cid: int | None) -> Any:
-        """The value of ``ref``; if the caller is cancelled, the call is cancelled too."""
+    async def _resolve(self, ref: Any) -> Any:
+        """The value of ``ref``; a caller that stops waiting cancels the call in Ray
+        (dropped if it has not begun; a running call finishes, its result unread)."""
         try:
             if self._asyncio:
                 return await ref
@@ -447,16 +437,13 @@ class RayReplica(Replica):
         except Exception:
             raise
         except BaseException:
-            if cid is not None:
-                _cancel(actor, cid, ref)
+            _cancel(ref)
             raise
 
     async def _submit(self, method: str, *args: Any) -> Any:
         actor, generation = await self._live()
-        cid = next(self._ids)
-        ref = getattr(actor, method).remote(cid, *args)
         try:
-            return await self._resolve(ref, actor, cid)
+            return await self._resolve(getattr(actor, method).remote(*args))
         except ray.exceptions.RayActorError as exc:
             raise self._died(generation, exc) from exc
 
@@ -472,11 +459,11 @@ class RayReplica(Replica):
     async def iterate(self, value: Any, kw: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """The generator's outputs as the actor yields them; closing stops it there."""
         actor, generation = await self._live()
-        cid = next(self._ids)
+        sid = next(self._ids)
         stream = actor.iterate.options(
             num_returns="streaming",
             _generator_backpressure_num_objects=self.options.max_in_flight,
-        ).remote(cid, value, kw)
+        ).remote(sid, value, kw)
         finished = False
         try:
             while True:
@@ -494,7 +481,11 @@ class RayReplica(Replica):
                 yield out
         finally:
             if not finished:
-                _cancel(actor, cid, stream)
+                _cancel(stream)
+                try:
+                    actor.stop.remote(sid)  # stops it at its next yield
+                except Exception:  # the actor is gone
+                    pass
 
     async def _step(self, stream: Any) -> Any:
         if self._asyncio:
@@ -508,16 +499,10 @@ class RayReplica(Replica):
         return await anyio.to_thread.run_sync(_next_blocking, stream, abandon_on_cancel=True)
 
 
-def _cancel(actor: Any, cid: int, ref: Any) -> None:
-    """Cancel a call or stream: Ray drops it if not yet sent; the actor skips it if not
-    yet begun and stops a generator at its next yield."""
+def _cancel(ref: Any) -> None:
     try:
         ray.cancel(ref)
     except Exception:  # already finished, or the actor is gone
-        pass
-    try:
-        actor.cancel.remote(cid)
-    except Exception:
         pass
 
 

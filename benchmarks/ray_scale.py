@@ -1,0 +1,217 @@
+"""Ray placement: what the engine adds on top of Ray, and how it scales with actors.
+
+In one run, on one local Ray instance (2 CPUs, no dashboard):
+
+1. Per-item cost per hop of a 3-stage pass-through chain of ray-placed nodes, against a
+   plain Ray actor chain (ObjectRefs passed actor to actor) and a Ray Compiled Graph of
+   the same shape; each as latency (one item at a time) and throughput (many in flight).
+2. Throughput of a CPU-bound node with 1 and with 2 actors (``num_cpus=1`` each).
+
+Prints tables and writes benchmarks/results/ray_scale.json.
+
+    python benchmarks/ray_scale.py [--items N] [--latency-items N] [--work-ms MS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import anyio
+import ray
+from _common import table, write_result
+
+import dataflow as df
+
+STAGES = 3
+FREE = {"num_cpus": 0}  # the overhead chains reserve no CPU: only the scaling part does
+
+
+def passthrough(x: Any) -> Any:
+    return x
+
+
+class Stage:
+    def f(self, x: Any) -> Any:
+        return x
+
+
+def burn(n: int) -> int:
+    """CPU-bound work that holds the GIL (pure Python), n iterations."""
+    acc = 0
+    for i in range(n):
+        acc = (acc + i * i) % 1_000_003
+    return acc
+
+
+# -- 1. overhead ---------------------------------------------------------------------------
+def chain_graph(max_in_flight: int) -> df.Graph:
+    opts = {**FREE, "max_in_flight": max_in_flight}
+    nodes = [
+        df.map(passthrough, name=f"s{i}", placement="ray", options=opts) for i in range(STAGES)
+    ]
+    return df.Graph("ray-chain", nodes[0] >> nodes[1] >> nodes[2])
+
+
+async def engine_chain(items: int, latency_items: int, max_in_flight: int) -> tuple[float, float]:
+    """(latency s/item, throughput s/item) of the engine over ray-placed nodes."""
+    async with df.Engine(chain_graph(max_in_flight)) as engine:
+        await engine.run(0)  # warm: actors up, code paths hot
+        start = time.perf_counter()
+        for i in range(latency_items):
+            await engine.run(i)
+        latency = (time.perf_counter() - start) / latency_items
+        start = time.perf_counter()
+        n = 0
+        async for _ in engine.map(range(items)):
+            n += 1
+        assert n == items
+        throughput = (time.perf_counter() - start) / items
+    return latency, throughput
+
+
+def plain_chain(items: int, latency_items: int) -> tuple[float, float]:
+    """The same with plain actors, each stage's ref handed to the next."""
+    actors = [ray.remote(num_cpus=0)(Stage).remote() for _ in range(STAGES)]
+
+    def submit(x: Any) -> Any:
+        ref = x
+        for actor in actors:
+            ref = actor.f.remote(ref)
+        return ref
+
+    ray.get(submit(0))
+    start = time.perf_counter()
+    for i in range(latency_items):
+        ray.get(submit(i))
+    latency = (time.perf_counter() - start) / latency_items
+    start = time.perf_counter()
+    ray.get([submit(i) for i in range(items)])
+    throughput = (time.perf_counter() - start) / items
+    for actor in actors:
+        ray.kill(actor)
+    return latency, throughput
+
+
+def compiled_chain(items: int, latency_items: int, window: int) -> tuple[float, float]:
+    """The same as a Ray Compiled Graph (``window`` executions in flight)."""
+    from ray.dag import InputNode
+
+    actors = [ray.remote(num_cpus=0)(Stage).remote() for _ in range(STAGES)]
+    with InputNode() as inp:
+        node: Any = inp
+        for actor in actors:
+            node = actor.f.bind(node)
+    dag = node.experimental_compile(_max_inflight_executions=window)
+    try:
+        ray.get(dag.execute(0))
+        start = time.perf_counter()
+        for i in range(latency_items):
+            ray.get(dag.execute(i))
+        latency = (time.perf_counter() - start) / latency_items
+        start = time.perf_counter()
+        pending: list[Any] = []
+        for i in range(items):
+            if len(pending) == window:
+                ray.get(pending.pop(0))
+            pending.append(dag.execute(i))
+        for ref in pending:
+            ray.get(ref)
+        throughput = (time.perf_counter() - start) / items
+    finally:
+        dag.teardown()
+        for actor in actors:
+            ray.kill(actor)
+    return latency, throughput
+
+
+# -- 2. scaling ------------------------------------------------------------------------------
+async def cpu_bound(actors: int, items: int, work: int) -> float:
+    """Items per second through one CPU-bound ray node with ``actors`` replicas."""
+    node = df.infer(
+        burn, placement="ray", replicas=actors, options={"num_cpus": 1, "max_in_flight": 2}
+    )
+    async with df.Engine(df.Graph("cpu", node)) as engine:
+        await engine.run(work)
+        start = time.perf_counter()
+        async for _ in engine.map([work] * items):
+            pass
+        return items / (time.perf_counter() - start)
+
+
+def plain_actors(actors: int, items: int, work: int) -> float:
+    """Items per second of plain Ray actors (round robin, all submitted at once)."""
+    pool = [ray.remote(num_cpus=1)(Burner).remote() for _ in range(actors)]
+    ray.get([a.f.remote(1) for a in pool])
+    start = time.perf_counter()
+    ray.get([pool[i % actors].f.remote(work) for i in range(items)])
+    rate = items / (time.perf_counter() - start)
+    for actor in pool:
+        ray.kill(actor)
+    return rate
+
+
+class Burner:
+    def f(self, n: int) -> int:
+        return burn(n)
+
+
+def calibrate(ms: float) -> int:
+    n = 100_000
+    start = time.perf_counter()
+    burn(n)
+    return max(1, int(n * ms / 1e3 / (time.perf_counter() - start)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--latency-items", type=int, default=200)
+    parser.add_argument("--work-ms", type=float, default=20.0)
+    parser.add_argument("--scale-items", type=int, default=60)
+    args = parser.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    us = 1e6 / STAGES
+    rows: list[list[str]] = []
+    results: dict[str, Any] = {"stages": STAGES, "items": args.items}
+
+    def record(name: str, latency: float, throughput: float) -> None:
+        results[name] = {"latency_us_per_hop": latency * us, "us_per_item_per_hop": throughput * us}
+        rows.append([name, f"{latency * us:.0f}", f"{throughput * us:.0f}"])
+
+    record("plain actor chain", *plain_chain(args.items, args.latency_items))
+    try:
+        record("compiled graph (8 in flight)", *compiled_chain(args.items, args.latency_items, 8))
+    except Exception as exc:  # Compiled Graphs are experimental: report, do not fail
+        rows.append(["compiled graph", "n/a", f"n/a ({type(exc).__name__})"])
+    for backend in ("asyncio", "trio"):
+        for k in (1, 2, 4):
+            latency, throughput = anyio.run(
+                engine_chain, args.items, args.latency_items, k, backend=backend
+            )
+            record(f"dataflow {backend}, max_in_flight={k}", latency, throughput)
+    print(f"{STAGES}-stage pass-through chain, small items (µs per item per hop)")
+    print(table(["chain", "latency", "throughput"], rows))
+
+    work = calibrate(args.work_ms)
+    scale_rows: list[list[str]] = []
+    results["cpu_bound"] = {"work_ms": args.work_ms}
+    for name, run in (
+        ("plain Ray actors", lambda k: plain_actors(k, args.scale_items, work)),
+        ("dataflow", lambda k: anyio.run(cpu_bound, k, args.scale_items, work)),
+    ):
+        rates = {k: run(k) for k in (1, 2)}
+        results["cpu_bound"][name] = {
+            "items_per_s": {str(k): v for k, v in rates.items()},
+            "speedup": rates[2] / rates[1],
+        }
+        scale_rows += [[name, str(k), f"{v:.1f}", f"{v / rates[1]:.2f}x"] for k, v in rates.items()]
+    print(f"\nCPU-bound node, {args.work_ms:g} ms per item, num_cpus=1 per actor")
+    print(table(["", "actors", "items/s", "speedup"], scale_rows))
+    write_result("ray_scale", results)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
