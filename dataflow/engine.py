@@ -357,7 +357,24 @@ class Engine:
         node's channel, waiting for room if it is full."""
         assert self._scheduler is not None
         rest, dest, port = advance(items, self._scheduler.source, 0)
-        if not rest or deliver_nowait(rest, dest, port):
+        if not rest:
+            return
+        # A stream's caller is also its reader, so it must not run nodes itself: it
+        # would wait for buffer room only it can make.
+        if (
+            len(rest) == 1
+            and not rest[0].req.streaming
+            and type(dest) is Channel
+            and dest.consumer is not None
+            and dest.consumer.can_borrow()
+        ):
+            try:
+                await dest.consumer.borrow(rest[0])
+            except BaseException:
+                rest[0].req.cancel()
+                raise
+            return
+        if deliver_nowait(rest, dest, port):
             return
         await self._enter_slowly(rest, dest, deadline)
 

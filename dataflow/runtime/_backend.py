@@ -10,14 +10,24 @@ and *call* a function in a thread and get its result back on the loop without po
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import sniffio
 
-__all__ = ["AsyncioBackend", "Backend", "ThreadCall", "TrioBackend", "current_backend"]
+__all__ = [
+    "Abandoned",
+    "AsyncioBackend",
+    "Backend",
+    "ThreadCall",
+    "TrioBackend",
+    "current_backend",
+]
+
+
+class Abandoned(Exception):
+    """The wait for a thread call was given up (its request ended); the call runs on."""
 
 
 class ThreadCall:
@@ -64,11 +74,17 @@ class Backend:
         while self.wake(waiters):
             pass
 
-    async def call_in_thread(self, submit: Callable[[ThreadCall], None], call: ThreadCall) -> Any:
+    async def call_in_thread(
+        self,
+        submit: Callable[[ThreadCall], None],
+        call: ThreadCall,
+        abandon: Callable[[Callable[[], None]], None] | None = None,
+    ) -> Any:
         """Hand ``call`` to a thread via ``submit`` and wait for its outcome.
 
         If the waiting task is cancelled, the thread still finishes the call; its result
-        is discarded.
+        is discarded. ``abandon``, if given, receives a function that stops the wait at
+        once with :class:`Abandoned` (cheaper than a cancel scope around the wait).
         """
         raise NotImplementedError
 
@@ -105,7 +121,12 @@ class AsyncioBackend(Backend):
                 return True
         return False
 
-    async def call_in_thread(self, submit: Callable[[ThreadCall], None], call: ThreadCall) -> Any:
+    async def call_in_thread(
+        self,
+        submit: Callable[[ThreadCall], None],
+        call: ThreadCall,
+        abandon: Callable[[Callable[[], None]], None] | None = None,
+    ) -> Any:
         loop = self.loop
         fut = loop.create_future()
 
@@ -117,6 +138,13 @@ class AsyncioBackend(Backend):
             loop.call_soon_threadsafe(resolved)
 
         call.waker = waker
+        if abandon is not None:
+
+            def give_up() -> None:
+                if not fut.done():
+                    fut.set_exception(Abandoned())
+
+            abandon(give_up)
         submit(call)
         await fut
         if call.error is not None:
@@ -158,22 +186,24 @@ class TrioBackend(Backend):
             return True
         return False
 
-    async def call_in_thread(self, submit: Callable[[ThreadCall], None], call: ThreadCall) -> Any:
+    async def call_in_thread(
+        self,
+        submit: Callable[[ThreadCall], None],
+        call: ThreadCall,
+        abandon: Callable[[Callable[[], None]], None] | None = None,
+    ) -> Any:
         lowlevel = self._lowlevel
         task = lowlevel.current_task()
-        lock = threading.Lock()
+        # Every callback below runs on the trio thread, so a plain flag is enough.
         state = {"waiting": True}
 
         def resolved() -> None:
-            with lock:
-                if not state["waiting"]:
-                    return
+            if state["waiting"]:
                 state["waiting"] = False
-            lowlevel.reschedule(task)
+                lowlevel.reschedule(task)
 
         def abort(_: Any) -> Any:
-            with lock:
-                state["waiting"] = False
+            state["waiting"] = False
             return lowlevel.Abort.SUCCEEDED
 
         token = self._token
@@ -182,6 +212,15 @@ class TrioBackend(Backend):
             token.run_sync_soon(resolved)
 
         call.waker = waker
+        if abandon is not None:
+            import outcome
+
+            def give_up() -> None:
+                if state["waiting"]:
+                    state["waiting"] = False
+                    lowlevel.reschedule(task, outcome.Error(Abandoned()))
+
+            abandon(give_up)
         submit(call)
         await lowlevel.wait_task_rescheduled(abort)
         if call.error is not None:

@@ -18,9 +18,10 @@ import anyio
 
 from .._errors import DataflowError, InvalidRequest, NodeError
 from ..graph import Node
+from ._backend import Abandoned
 from ._channel import Channel
-from ._request import FAILED, PENDING, Item, Request, Sink, Tag
-from .executors import LoopReplica, Replica, make_replica
+from ._request import FAILED, PENDING, SUCCEEDED, Item, Request, Sink, Tag
+from .executors import LoopReplica, Replica, ThreadReplica, make_replica
 
 if TYPE_CHECKING:
     from ._backend import Backend
@@ -120,6 +121,9 @@ class NodeRunner:
         self.stats = NodeStats(self.replicas)
         self.replica_objs: list[Replica] = []
         self.parked = False  # the single worker waits on an empty input (see advance)
+        self.inline_sync = False  # producers may call the body directly (advance)
+        self._borrowed = False  # a caller is running this node's items (borrow)
+        self._borrow_waiters: deque[Any] = deque()
         self._inline_fn: Callable[[Any], Any] = _unset
         self._params = node.info.params
         self._all_params = node.info.accepts_any_param
@@ -195,13 +199,71 @@ class NodeRunner:
         )
 
     def enable_inline(self) -> None:
-        """Let producers run this node in their own task while it is idle (see
-        :func:`advance`): a single-replica simple node only, so order is kept."""
-        if self.replicas == 1 and self.simple:
+        """Let producers run this node in their own task while it is idle: a
+        single-replica simple node synchronously (see :func:`advance`), any other
+        single-lane node by a caller borrowing it (see :meth:`borrow`). One lane only,
+        so order is kept."""
+        if len(self._lanes) != 1:
+            return
+        if self.simple:
             self.inbox.consumer = self
             replica = self.replica_objs[0]
             assert isinstance(replica, LoopReplica)
             self._inline_fn = replica.direct()
+            self.inline_sync = True
+        elif (
+            self.node.kind != "merge"
+            and self.node.batch is None
+            and "generation" not in self.node.options
+            and self.tracer is None
+            and not self._ordered
+        ):
+            self.inbox.consumer = self
+
+    def can_borrow(self) -> bool:
+        """Whether a caller may run this node's next item itself right now: its only
+        worker waits on an empty input and nobody else is borrowing it."""
+        return not self.inline_sync and self.parked and not self._borrowed and not len(self.inbox)
+
+    async def borrow(self, it: Item) -> None:
+        """Process ``it`` in the caller's task, as the worker would.
+
+        A request entering an idle graph then costs one switch to the replica's thread
+        and back, not three task switches on top. The worker, if woken meanwhile,
+        waits until the borrow ends, so the order of items is kept. If the request
+        ends first (deadline, shutdown), the caller stops waiting for the body at once,
+        as it would have waiting for the worker.
+        """
+        self._borrowed = True
+        try:
+            replica = self.replica_objs[0]
+            if (
+                isinstance(replica, ThreadReplica)
+                and self.node.info.mode == "function"
+                and self.node.kind != "shard"
+                and self.node.timeout is None
+            ):
+                await self._borrow_thread_call(replica, it)
+                return
+            with anyio.CancelScope() as scope:
+                req = it.req
+
+                def stop_waiting() -> None:
+                    # A success ends the request from inside this scope (the sink):
+                    # nothing to interrupt then, and cancelling would cost a loop trip.
+                    if req.state != SUCCEEDED:
+                        scope.cancel()
+
+                req.add_cleanup(stop_waiting)
+                self.stats.items_in += 1
+                self.inbox.stats.items += 1  # it crossed the edge, if not the queue
+                await self._process(0, it, None)
+            if scope.cancelled_caught:
+                self.stats.cancelled += 1  # its request ended while the body ran
+        finally:
+            self._borrowed = False
+            if self._borrow_waiters:
+                self.backend.wake_all(self._borrow_waiters)
 
     def inline(self, items: list[Item]) -> list[Item]:
         """Process ``items`` now, in the caller's task (this node's worker is parked
@@ -212,6 +274,30 @@ class NodeRunner:
         self.stats.busy_s[0] += elapsed
         self.stats.service.append(elapsed / len(items))
         return done
+
+    async def _borrow_thread_call(self, replica: ThreadReplica, it: Item) -> None:
+        """The common borrow — one call into the replica's thread — without a cancel
+        scope: the request's end abandons the wait directly."""
+        req = it.req
+        self.stats.items_in += 1
+        self.inbox.stats.items += 1
+
+        def on_end(give_up: Callable[[], None]) -> None:
+            req.add_cleanup(lambda: give_up() if req.state != SUCCEEDED else None)
+
+        start = time.perf_counter()
+        try:
+            it.value = await replica.call_until(it.value, self._kwargs(req), on_end)
+        except Abandoned:
+            self.stats.cancelled += 1  # its request ended while the body ran
+            return
+        except Exception as exc:
+            self.stats.failed += 1
+            req.fail(_node_error(self.name, req, exc))
+            return
+        finally:
+            self._computed(0, req, start)
+        await self.emit(it)
 
     def _apply(self, fn: Callable[[Any], Any], items: list[Item]) -> list[Item]:
         """Run a simple body on each live item; failures end only their request."""
@@ -316,10 +402,16 @@ class NodeRunner:
             if self._ordered:
                 while self._seq - self._head >= self._window:
                     await self.backend.park(self._window_waiters)
+            while self._borrowed:
+                await self.backend.park(self._borrow_waiters)
             items = inbox.take(1 if (self._ordered or len(self._lanes) > 1) else _TAKE)
             if not items:
-                if not await inbox.wait_readable():
-                    return
+                self.parked = True
+                try:
+                    if not await inbox.wait_readable():
+                        return
+                finally:
+                    self.parked = False
                 since_park = 0
                 continue
             for it in items:
@@ -560,8 +652,9 @@ def advance(items: list[Item], dest: Channel[Item] | Sink, port: int) -> Advance
     """
     while type(dest) is Channel:
         runner = dest.consumer
-        if runner is None or not runner.parked or len(dest):
+        if runner is None or not runner.inline_sync or not runner.parked or len(dest):
             break
+        dest.stats.items += len(items)  # they crossed the edge, if not the queue
         items = runner.inline(items)
         if not items:
             break

@@ -4,6 +4,7 @@ backpressure, admission, cancellation, deadlines, ordering, shutdown."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -469,3 +470,37 @@ async def test_an_ordered_replicated_generator_streams_its_head_request() -> Non
             with pytest.raises(StopAsyncIteration):
                 await first.__anext__()
     assert later == [10, 11, 12]
+
+
+async def test_a_caller_borrowing_an_idle_thread_node_keeps_order_and_deadlines() -> None:
+    """A request entering an idle graph runs the thread node from the caller's task;
+    requests arriving meanwhile queue behind it, and a deadline still ends the wait."""
+    started = threading.Event()
+    release = threading.Event()
+
+    def body(x: int) -> int:
+        if x == 0:
+            started.set()
+            release.wait(10)
+        return x
+
+    graph = df.Graph("borrow", df.infer(body, name="t", placement="thread"))
+    order: list[int] = []
+    async with df.Engine(graph) as engine:
+
+        async def call(x: int) -> None:
+            order.append(await engine.run(x))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0)
+            await anyio.to_thread.run_sync(started.wait)
+            for x in (1, 2):
+                tg.start_soon(call, x)
+                await wait_all_tasks_blocked()
+            with pytest.raises(TimeoutError):
+                await engine.run(3, timeout=0.01)
+            release.set()
+        stats = engine.stats()
+    assert order == [0, 1, 2]
+    assert stats["requests"]["timed_out"] == 1
+    assert stats["edges"]["input->t"]["items"] == 4

@@ -18,7 +18,7 @@ import anyio
 
 from ...graph import Node
 from .._backend import Backend, ThreadCall
-from ._base import Replica
+from ._base import Replica, _call_kw
 
 __all__ = ["ThreadReplica", "default_intra_op_threads"]
 
@@ -76,6 +76,15 @@ class ThreadReplica(Replica):
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self.backend.call_in_thread(self._queue.put, ThreadCall(fn, args))
+
+    async def call_until(
+        self, value: Any, kw: dict[str, Any], abandon: Callable[[Callable[[], None]], None]
+    ) -> Any:
+        """:meth:`call`, but the wait ends with ``Abandoned`` when ``abandon``'s hook
+        is called (the thread still finishes the call)."""
+        assert self.body is not None
+        call = ThreadCall(_call_kw, (self.body, value, kw))
+        return await self.backend.call_in_thread(self._queue.put, call, abandon)
 
     async def stop(self) -> None:
         """Tear the body down in its thread, let queued calls finish, join the thread."""
