@@ -58,6 +58,9 @@ def stage_seconds(stage: Any, x: torch.Tensor, reps: int = 20) -> float:
     return out[0]
 
 
+BUSY: list[float] = []  # the engine's stage threads' busy fractions, summed, per run
+
+
 async def engine_throughput(stages: list[Any], x: torch.Tensor, items: int) -> float:
     nodes = [
         df.infer(s, name=f"stage{i}", placement="thread", threads=1, capacity=2)
@@ -67,10 +70,15 @@ async def engine_throughput(stages: list[Any], x: torch.Tensor, items: int) -> f
     async with df.Engine(graph) as engine:
         async for _ in engine.map([x] * 8):  # warm up
             pass
+        before = engine.stats()["nodes"]
         start = time.perf_counter()
         async for _ in engine.map([x] * items):
             pass
-        return items / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        after = engine.stats()["nodes"]
+        busy = sum(sum(after[n]["busy_s"]) - sum(before[n]["busy_s"]) for n in after)
+        BUSY.append(busy / elapsed)  # cores' worth of time spent inside stage bodies
+        return items / elapsed
 
 
 async def executor_throughput(stages: list[Any], x: torch.Tensor, items: int) -> float:
@@ -162,6 +170,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" cores={cores}"
     )
     print(table(["pipeline", "items/s", "of bound"], rows))
+    cores_busy = statistics.median(BUSY)
+    print(
+        f"engine stage bodies kept {cores_busy:.2f} of {cores} cores busy; each stage ran "
+        f"{cores_busy / cores * sum(runs[-1]['stage_ms']) / 1e3 * med['engine_items_s']:.2f}x"
+        " its alone-time per item (contention between the stage threads, not idle cores)"
+    )
+    med["engine_cores_busy"] = cores_busy
     result = {
         "items": args.items,
         "repeats": args.repeats,

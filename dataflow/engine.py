@@ -181,21 +181,21 @@ class Engine:
         """Stop: drain (or cancel) requests in flight, end every worker, join threads."""
         assert self._tg is not None and self._scheduler is not None
         self._state = EngineState.CLOSING
+        cancelling = exc_type is not None or self.shutdown == "cancel"
         try:
-            if exc_type is None and self.shutdown == "drain":
+            if not cancelling:
                 try:
                     await self._drain()
                 except BaseException:
-                    self._cancel_all()
+                    cancelling = True  # the drain itself was interrupted
                     raise
-            else:
-                self._cancel_all()
-                self._tg.cancel_scope.cancel()
         finally:
-            if self._live:
-                # Cancelling: do not wait for bodies that may never return.
+            if cancelling:
+                self._cancel_all()
+                # Do not wait for bodies that may never return, and refuse every caller
+                # still waiting for room in any channel (they see EngineClosed).
                 self._tg.cancel_scope.cancel()
-            self._scheduler.close_input(cancel=bool(self._live) or exc_type is not None)
+            self._scheduler.close_input(cancel=cancelling)
             if self._deadline_scope is not None:
                 self._deadline_scope.cancel()
             try:
@@ -251,6 +251,9 @@ class Engine:
         else:
             counters.failed += 1
         del self._live[req.id]
+        if req.deadline != math.inf:
+            assert self._deadlines is not None
+            self._deadlines.finished()
         if self._hooks is not None:
             self._hooks.request_end(req)
         backend = self._backend
@@ -339,6 +342,9 @@ class Engine:
         limit = self.max_in_flight
         if limit is not None:
             xs = xs[: max(0, limit - self._admitted)]
+        assert self._scheduler is not None
+        if not xs:
+            return [], [], self._scheduler.source
         reqs = [self._new_request(params, False, deadline, watcher) for _ in xs]
         if limit is not None:
             self._admitted += len(reqs)
@@ -370,6 +376,8 @@ class Engine:
         ):
             try:
                 await dest.consumer.borrow(rest[0])
+            except BrokenChannel:
+                rest[0].req.cancel(EngineClosed(f"engine closed during request {rest[0].req.id}"))
             except BaseException:
                 rest[0].req.cancel()
                 raise

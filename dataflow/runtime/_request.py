@@ -282,12 +282,15 @@ class Deadlines:
             # Most entries belong to requests that already ended: drop them.
             self._heap = heap = [e for e in heap if e[2].state == PENDING]
             heapq.heapify(heap)
-            self._live = len(heap)
         earliest = heap[0][0] if heap else math.inf
         heapq.heappush(heap, (req.deadline, req.id, req))
         self._live += 1
         if req.deadline < earliest:
             self.backend.wake(self._waiters)
+
+    def finished(self) -> None:
+        """A request with a deadline ended (its heap entry is now dead weight)."""
+        self._live -= 1
 
     async def run(self) -> None:
         """Expire requests forever (until cancelled with the engine's task group)."""
@@ -299,7 +302,6 @@ class Deadlines:
             now = self.backend.time()
             while heap and heap[0][0] <= now:
                 _, _, req = heapq.heappop(heap)
-                self._live -= 1
                 if req.state == PENDING:
                     req.finish(CANCELLED, TimeoutError(f"request {req.id} passed its deadline"))
             delay = heap[0][0] - now if heap else math.inf

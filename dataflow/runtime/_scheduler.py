@@ -112,7 +112,8 @@ class Scheduler:
         still waiting to enter are refused at once."""
         self.source.close_sender()
         if cancel:
-            self.source.close_receiver()
+            for inbox in self.inboxes.values():
+                inbox.close_receiver()
 
     def holding_capacity(self) -> int:
         """How many items the graph can hold at once: every channel full, every replica

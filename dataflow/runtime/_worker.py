@@ -297,7 +297,15 @@ class NodeRunner:
             return
         finally:
             self._computed(0, req, start)
-        await self.emit(it)
+        out = self.outputs[0][0] if len(self.outputs) == 1 else None
+        if (type(out) is Channel and len(out) < out.capacity) or type(out) is Sink:
+            # Room, or the sink of a request that is not a stream: this does not wait.
+            await self.emit(it)
+            return
+        # The output may be full: stop waiting for room if the request ends meanwhile.
+        with anyio.CancelScope() as scope:
+            req.add_cleanup(lambda: scope.cancel() if req.state != SUCCEEDED else None)
+            await self.emit(it)
 
     def _apply(self, fn: Callable[[Any], Any], items: list[Item]) -> list[Item]:
         """Run a simple body on each live item; failures end only their request."""
@@ -377,7 +385,11 @@ class NodeRunner:
             handled += n
             since_park += n
             if done:
+                inlined = perf()
                 rest, dest, dport = advance(done, out, port)
+                if dest is not out:
+                    # Time spent running downstream nodes inline is theirs, not ours.
+                    awake += perf() - inlined
                 if rest and not deliver_nowait(rest, dest, dport):
                     self._account(index, awake, handled)
                     await deliver(rest, dest)
@@ -650,7 +662,7 @@ def advance(items: list[Item], dest: Channel[Item] | Sink, port: int) -> Advance
     operators statically; this chains them only while they are idle, so queues,
     capacities and backpressure are untouched under load).
     """
-    while type(dest) is Channel:
+    while items and type(dest) is Channel:
         runner = dest.consumer
         if runner is None or not runner.inline_sync or not runner.parked or len(dest):
             break
