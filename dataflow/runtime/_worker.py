@@ -372,12 +372,8 @@ class NodeRunner:
             items = inbox.take(_TAKE)
             if not items:
                 self._account(index, awake, handled)
-                self.parked = True
-                try:
-                    if not await inbox.wait_readable():
-                        return
-                finally:
-                    self.parked = False
+                if not await self._wait_input():
+                    return
                 awake, handled, since_park = perf(), 0, 0
                 continue
             done = apply(fn, items)
@@ -400,6 +396,15 @@ class NodeRunner:
                 await anyio.lowlevel.checkpoint()
                 awake, handled, since_park = perf(), 0, 0
 
+    async def _wait_input(self) -> bool:
+        """Wait for input, marked idle meanwhile (producers may then run this node's
+        work themselves, see :func:`advance` and :meth:`borrow`); False at the end."""
+        self.parked = True
+        try:
+            return await self.inbox.wait_readable()
+        finally:
+            self.parked = False
+
     def _account(self, index: int, awake: float, handled: int) -> None:
         elapsed = time.perf_counter() - awake
         self.stats.busy_s[index] += elapsed
@@ -418,12 +423,8 @@ class NodeRunner:
                 await self.backend.park(self._borrow_waiters)
             items = inbox.take(1 if (self._ordered or len(self._lanes) > 1) else _TAKE)
             if not items:
-                self.parked = True
-                try:
-                    if not await inbox.wait_readable():
-                        return
-                finally:
-                    self.parked = False
+                if not await self._wait_input():
+                    return
                 since_park = 0
                 continue
             for it in items:
