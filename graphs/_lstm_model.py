@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from graphs._slots import SlotAllocator
 from graphs._weights import load_model, save_weights
@@ -156,6 +157,52 @@ class LSTMSlotCache(SlotAllocator):
         self._used[slot] = True
         self._lengths[slot] = len(prompt)
         return logits[0, -1]
+
+    def prefill_many(self, slots: Sequence[int], id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """:meth:`prefill` for several slots at once, in one packed LSTM call.
+
+        Equal (within float tolerance) to ``prefill(slots[i], id_lists[i])`` for every i.
+        The prompts are packed (``pack_padded_sequence``), so each slot's state is taken
+        after its own last byte, never after padding.
+
+        Args:
+            slots: distinct slots to fill (marked used if they were free).
+            id_lists: one prompt per slot, each at least one byte.
+
+        Returns:
+            Float logits ``[len(slots), 256]``, row i for ``slots[i]``.
+
+        Raises:
+            ValueError: on mismatched lengths, repeated slots, an empty prompt, a byte
+                outside 0..255, or a bad slot. Nothing is filled then.
+        """
+        if len(slots) != len(id_lists):
+            raise ValueError(f"{len(slots)} slots but {len(id_lists)} prompts")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots repeat in {list(slots)}")
+        prompts = [self._prompt(slot, ids) for slot, ids in zip(slots, id_lists, strict=True)]
+        device = self.h.device
+        if not prompts:
+            return torch.empty(0, self.model.config.vocab_size, device=device)
+        lengths = [len(p) for p in prompts]
+        span = max(lengths)
+        padded = torch.tensor([p + [0] * (span - len(p)) for p in prompts], device=device)
+        model = self.model
+        with torch.no_grad():
+            embedded = model.dropout(model.embedding(padded))
+            packed = pack_padded_sequence(
+                embedded, torch.tensor(lengths), batch_first=True, enforce_sorted=False
+            )
+            _, (h, c) = model.rnn(packed)
+            # The last layer's final hidden state is its output at each prompt's last byte.
+            logits: torch.Tensor = model.fc(model.dropout(h[-1]))
+            index = torch.tensor(list(slots), device=device)
+            self.h[:, index] = h
+            self.c[:, index] = c
+        for slot, n in zip(slots, lengths, strict=True):
+            self._used[slot] = True
+            self._lengths[slot] = n
+        return logits
 
     def step(self, slots: Sequence[int], last_ids: Sequence[int]) -> torch.Tensor:
         """Feeds ``last_ids[i]`` to ``slots[i]`` for every i, in one batched LSTM call.

@@ -8,6 +8,7 @@ running batch between steps without reallocating or copying anyone else's cache:
     cache = model.new_cache(max_batch=32)
     slot = cache.acquire()
     logits = cache.prefill(slot, list(b"def main("))       # [256]
+    logits = cache.prefill_many([a, b], [prompt_a, prompt_b])  # [2, 256], one forward
     logits = cache.step([slot, other], [next_a, next_b])   # [2, 256], one batched forward
     cache.free(slot)
 
@@ -203,7 +204,9 @@ class TinyLM(nn.Module):
 class SlotCache(SlotAllocator):
     """Preallocated per-slot KV cache: ``max_batch`` slots x ``context`` positions per layer.
 
-    Each slot holds one sequence. ``prefill`` (re)starts a slot from a prompt; ``step``
+    Each slot holds one sequence. ``prefill`` (re)starts a slot from a prompt
+    (``prefill_many`` several slots in one forward; full slots that must slide in a
+    ``step`` are re-prefilled together the same way); ``step``
     appends one byte to each given slot in a single batched forward and returns the logits
     for the byte after it; ``free`` releases the slot. Not thread-safe: drive one cache from
     one thread.
@@ -262,15 +265,91 @@ class SlotCache(SlotAllocator):
         self._used[slot] = True
         return self._prefill(slot, kept)
 
+    def prefill_many(self, slots: Sequence[int], id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """:meth:`prefill` for several slots at once, in one padded forward pass.
+
+        Equal (within float tolerance) to calling ``prefill(slots[i], id_lists[i])`` for
+        every i, but one batched forward instead of one per slot, so a batch of joining
+        sequences costs about one step rather than one step each.
+
+        Args:
+            slots: distinct slots to fill (marked used if they were free).
+            id_lists: one prompt per slot, each at least one byte; only the last
+                ``context`` of each are kept.
+
+        Returns:
+            Float logits ``[len(slots), 256]``, row i for ``slots[i]``.
+
+        Raises:
+            ValueError: on mismatched lengths, repeated slots, an empty prompt, a byte
+                outside 0..255, or a bad slot. Nothing is filled then.
+        """
+        if len(slots) != len(id_lists):
+            raise ValueError(f"{len(slots)} slots but {len(id_lists)} prompts")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots repeat in {list(slots)}")
+        kept = [
+            self._prompt(slot, ids, self.context) for slot, ids in zip(slots, id_lists, strict=True)
+        ]
+        for slot in slots:
+            self._used[slot] = True
+        return self._prefill_many(list(slots), kept)
+
     def _prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        return self._prefill_many([slot], [ids])[0]
+
+    def _prefill_many(self, slots: list[int], id_lists: list[list[int]]) -> torch.Tensor:
         device = self.keys.device
+        if len(slots) <= 1:
+            if not slots:
+                return torch.empty(0, self.model.config.vocab_size, device=device)
+            slot, ids = slots[0], id_lists[0]
+            with torch.no_grad():
+                logits, kv = self.model.forward_with_kv(torch.tensor([ids], device=device))
+                for layer, (k, v) in enumerate(kv):
+                    self.keys[layer, slot, :, : len(ids)] = k[0]
+                    self.values[layer, slot, :, : len(ids)] = v[0]
+            self._ids[slot] = ids
+            return logits[0, -1:]
+        # The prompts are packed into one row of N tokens for everything but attention
+        # (the projections and MLP, most of the work, see no padding); attention runs on
+        # a right-padded [B, H, span, hd] copy with the causal mask, under which a real
+        # position never attends to a later (padded) one, so each prompt's positions are
+        # exactly those of its own forward pass.
+        lengths = [len(ids) for ids in id_lists]
+        span = max(lengths)
+        row_list = [row for row, n in enumerate(lengths) for _ in range(n)]
+        pos_list = [pos for n in lengths for pos in range(n)]
+        flat = [i for ids in id_lists for i in ids]
+        batch = len(slots)
+        model = self.model
+        config = model.config
         with torch.no_grad():
-            logits, kv = self.model.forward_with_kv(torch.tensor([ids], device=device))
-            for layer, (k, v) in enumerate(kv):
-                self.keys[layer, slot, :, : len(ids)] = k[0]
-                self.values[layer, slot, :, : len(ids)] = v[0]
-        self._ids[slot] = ids
-        return logits[0, -1]
+            rows = torch.tensor(row_list, device=device)
+            pos = torch.tensor(pos_list, device=device)
+            slot_of = torch.tensor(slots, device=device)[rows]
+            cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+            x: torch.Tensor = model.embed(torch.tensor([flat], device=device))  # [1, N, d]
+            pad_shape = (batch, config.n_heads, span, config.head_dim)
+            for layer, block in enumerate(model.layers()):
+                q, k, v = block.project(x, cos, sin)  # each [1, H, N, hd]
+                q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # each [N, H, hd]
+                self.keys[layer][slot_of, :, pos] = k
+                self.values[layer][slot_of, :, pos] = v
+                padded = []
+                for t in (q, k, v):
+                    p = t.new_zeros(pad_shape)
+                    p[rows, :, pos] = t
+                    padded.append(p)
+                attended = F.scaled_dot_product_attention(
+                    padded[0], padded[1], padded[2], is_causal=True
+                )
+                x = block.finish(x, attended[rows, :, pos].transpose(0, 1)[None])
+            ends = torch.tensor(lengths, device=device).cumsum(0) - 1
+            out = model.logits(x[0, ends])
+        for slot, ids in zip(slots, id_lists, strict=True):
+            self._ids[slot] = ids
+        return out
 
     def step(self, slots: Sequence[int], last_ids: Sequence[int]) -> torch.Tensor:
         """Appends ``last_ids[i]`` to ``slots[i]`` for every i, in one batched forward.
@@ -289,9 +368,10 @@ class SlotCache(SlotAllocator):
             ValueError: on mismatched lengths, repeated or unfilled slots, or bad bytes.
         """
         new_ids = self._step_ids(slots, last_ids)
-        for slot in slots:
-            if self.length(slot) == self.context:
-                self._prefill(slot, self._ids[slot][-(self.context // 2) :])
+        full = [slot for slot in slots if self.length(slot) == self.context]
+        if full:
+            half = self.context // 2
+            self._prefill_many(full, [self._ids[slot][-half:] for slot in full])
         if not slots:
             return torch.empty(0, self.model.config.vocab_size, device=self.keys.device)
 

@@ -51,6 +51,11 @@ class StepModel(Protocol):
         """Release ``slot``'s state; it may be prefilled again later."""
         ...
 
+    # Optional, not part of the protocol's required members: a model may also define
+    # ``prefill_many(slots, prompts) -> logits [len(slots), V]``, equal to ``prefill`` per
+    # slot but in one batched call. The runtime then prefills all sequences that join in
+    # a tick at once, and falls back to ``prefill`` per slot if it raises.
+
 
 StepModelFactory = Callable[[int], StepModel]
 Decode = Literal["bytes"] | Callable[[int], bytes] | None

@@ -3,10 +3,13 @@
 Each replica of a ``generate`` node runs two tasks. The *admitter* takes requests from
 the node's input while the replica has free slots (so waiting requests stay in the
 bounded input channel). The *stepper* repeats a *tick*: free the slots of sequences that
-left, prefill the sequences that joined, step every running sequence once in one batched
-call, and sample a token for each; all of it in one call into the replica's thread, so
-the event loop stays free. Back on the loop, each token is checked (end token, stop
-sequence, ``max_new_tokens``), decoded and emitted to its request at once.
+left, prefill the sequences that joined (in one ``prefill_many`` call when the model has
+one) and sample their first tokens, then step every running sequence, the new ones
+included, once in one batched call, and sample a token for each. Each part is one call
+into the replica's thread, so the event loop stays free; the joins' first tokens are
+delivered between the two, so a new request waits for one prefill, not a prefill and a
+step. Back on the loop, each token is checked (end token, stop sequence,
+``max_new_tokens``), decoded and emitted to its request at once.
 
 A sequence leaves when it finishes, fails, or its request ended (cancelled, deadline): it
 is dropped from the next tick and its slot freed in that tick, so no token is computed
@@ -69,12 +72,12 @@ class Decoding:
         self.stops = params.stop
         self.count = 0
         self.held = ""  # decoded text withheld because it may begin a stop sequence
-        # A generator per request: its draws depend only on its own seed and steps, so
-        # the text does not depend on which other requests share the batch.
+        # A seeded request gets its own generator: its draws depend only on its seed and
+        # steps, so its text does not depend on which other requests share the batch.
+        # Unseeded rows share one generator and are drawn together in one call.
         self.generator: torch.Generator | None = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            self.generator = torch.Generator().manual_seed(seed)
+        if params.temperature > 0 and params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
         decode = config.decode
         self.decoder: codecs.IncrementalDecoder | None = None
         self.token_bytes: Any = None
@@ -137,13 +140,19 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+# The randomness of rows without a seed: one generator, one draw for all of them per tick.
+_UNSEEDED = torch.Generator().manual_seed(secrets.randbits(63))
+
+
 def sample(logits: torch.Tensor, rows: Sequence[Decoding]) -> list[int]:
     """One token per row of ``logits`` ``[N, V]``, each by its row's settings.
 
     Temperature 0 is greedy. Otherwise the Gumbel-max trick: ``argmax(logits / T + G)``
-    with ``G = -log(E)``, ``E ~ Exp(1)`` drawn from the row's own generator, restricted to
-    the ``top_k`` largest logits. Every operation is per row (or exact), so a row's token
-    does not depend on the other rows: batched sampling equals unbatched sampling.
+    with ``G = -log(E)``, ``E ~ Exp(1)``, restricted to the ``top_k`` largest logits. A
+    seeded row draws ``E`` from its own generator, and every operation is per row (or
+    exact), so its token does not depend on the other rows: batched sampling equals
+    unbatched sampling. The rows without a seed draw ``E`` together in one vectorised call
+    from a shared generator.
     """
     logits = logits.float()
     picked = logits.argmax(dim=-1)
@@ -167,10 +176,20 @@ def sample(logits: torch.Tensor, rows: Sequence[Decoding]) -> list[int]:
         kth = kth.masked_fill(~torch.tensor(limited)[:, None], -torch.inf)
         x = x.masked_fill(x < kth, -torch.inf)
     noise = torch.empty(n, vocab)
+    unseeded: list[int] = []
     for j, i in enumerate(hot):
+        generator = rows[i].generator
+        if generator is None:
+            unseeded.append(j)
+            continue
         row = noise[j]
-        row.exponential_(generator=rows[i].generator)
+        row.exponential_(generator=generator)
         row.log_()  # per row, so the kernel sees the same data batched or not
+    if len(unseeded) == n:
+        noise.exponential_(generator=_UNSEEDED).log_()
+    elif unseeded:
+        block = torch.empty(len(unseeded), vocab).exponential_(generator=_UNSEEDED).log_()
+        noise[torch.tensor(unseeded)] = block
     choice = (x - noise).argmax(dim=-1)
     if index is None:
         return choice.tolist()
@@ -257,14 +276,20 @@ def _tick(
     mats: list[torch.Tensor] = []
     rows: list[Decoding] = []
     join_errors: list[BaseException | None] = []
-    for seq in joins:
-        try:
-            mats.append(_row(model.prefill(seq.slot, seq.ids)))
-        except Exception as exc:
-            join_errors.append(exc)
-            continue
-        join_errors.append(None)
-        rows.append(seq.decoding)
+    batched = _prefill_many(model, joins)
+    if batched is not None:
+        mats.append(batched)
+        rows.extend(seq.decoding for seq in joins)
+        join_errors = [None] * len(joins)
+    else:
+        for seq in joins:
+            try:
+                mats.append(_row(model.prefill(seq.slot, seq.ids)))
+            except Exception as exc:
+                join_errors.append(exc)
+                continue
+            join_errors.append(None)
+            rows.append(seq.decoding)
     step_error: BaseException | None = None
     if active:
         try:
@@ -275,6 +300,22 @@ def _tick(
     if not rows:
         return join_errors, step_error, []
     return join_errors, step_error, sample(torch.cat(mats) if len(mats) > 1 else mats[0], rows)
+
+
+def _prefill_many(model: StepModel, joins: list[_Seq]) -> torch.Tensor | None:
+    """All joins prefilled in one ``model.prefill_many`` call, when the model has one.
+
+    Returns ``None`` to fall back to one ``prefill`` per join: there is no
+    ``prefill_many``, fewer than two joins, or the batched call failed (each join is then
+    prefilled, and fails, on its own, so one bad prompt fails only its own request).
+    """
+    prefill_many = getattr(model, "prefill_many", None)
+    if prefill_many is None or len(joins) < 2:
+        return None
+    try:
+        return _matrix(prefill_many([s.slot for s in joins], [s.ids for s in joins]), len(joins))
+    except Exception:
+        return None
 
 
 class _Worker:
@@ -404,10 +445,31 @@ class _Worker:
                 await anyio.lowlevel.checkpoint()  # let readers and the admitter run
 
     async def _run_tick(self, joins: list[_Seq], active: list[_Seq]) -> None:
-        runner = self.runner
-        stats = runner.stats
+        """One tick. With joins, in two calls: prefill and sample the joins, deliver
+        their first tokens at once (the first-token latency is one prefill, not a
+        prefill plus a step), then step the running sequences and the joins together."""
+        stats = self.runner.stats
         frees, self.to_free = self.to_free, []
         start = time.perf_counter()
+        if joins:
+            await self._call(frees, joins, [])
+            frees = []
+            # The joins that got their first token and go on join this tick's step.
+            active = [
+                s
+                for s in (*active, *joins)
+                if self.running.get(s.slot) is s and not s.parked and s.req.state == PENDING
+            ]
+        if active or frees:
+            await self._call(frees, [], active)
+        elapsed = time.perf_counter() - start
+        stats.busy_s[self.index] += elapsed
+        if joins or active:
+            stats.service.append(elapsed)
+            stats.batch_sizes[len(set(joins) | set(active))] += 1
+
+    async def _call(self, frees: list[int], joins: list[_Seq], active: list[_Seq]) -> None:
+        """Runs :func:`_tick` in the replica's thread, then fails or delivers each row."""
         last = [s.last for s in active]
         try:
             join_errors, step_error, tokens = await self.replica._run(
@@ -415,11 +477,6 @@ class _Worker:
             )
         except Exception as exc:  # sampling failed (e.g. rows of different vocabularies)
             join_errors, step_error, tokens = [exc] * len(joins), exc, []
-        elapsed = time.perf_counter() - start
-        stats.busy_s[self.index] += elapsed
-        if joins or active:
-            stats.service.append(elapsed)
-            stats.batch_sizes[len(joins) + len(active)] += 1
         rows: list[_Seq] = []
         for seq, err in zip(joins, join_errors, strict=True):
             if err is None:

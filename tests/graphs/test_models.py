@@ -140,6 +140,35 @@ def test_lstm_slots_of_different_lengths_step_together_past_context(
 
 
 @pytest.mark.parametrize("which", ["tiny", "lstm"])
+def test_prefill_many_equals_prefill_per_slot(
+    which: str, tiny: TinyLM, lstm: LSTMLanguageModel
+) -> None:
+    model: TinyLM | LSTMLanguageModel = tiny if which == "tiny" else lstm
+    context = tiny.config.context
+    # Different lengths (one past the tiny LM's context), slots out of order.
+    prompts = {5: _bytes(3, seed=10), 0: _bytes(40, seed=11), 2: _bytes(1, seed=12)}
+    prompts[6] = _bytes(context + 9, seed=13)
+    slots = list(prompts)
+    one, many = model.new_cache(max_batch=8), model.new_cache(max_batch=8)
+    # Stale state in the batched cache's slots must not leak into the new prompts.
+    many.prefill(2, _bytes(60, seed=14))
+    expected = torch.stack([one.prefill(s, prompts[s]) for s in slots])
+    got = many.prefill_many(slots, [prompts[s] for s in slots])
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    for slot in slots:
+        assert many.length(slot) == one.length(slot)
+    # The states are equal too: the following steps agree.
+    for i in range(3):
+        new = [(7 * i + s) % 256 for s in slots]
+        torch.testing.assert_close(many.step(slots, new), one.step(slots, new), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError):
+        many.prefill_many([1, 1], [[1], [2]])
+    with pytest.raises(ValueError):
+        many.prefill_many([1], [[]])
+    assert many.prefill_many([], []).shape == (0, 256)
+
+
+@pytest.mark.parametrize("which", ["tiny", "lstm"])
 def test_freed_slot_is_reused_cleanly_and_misuse_is_refused(
     which: str, tiny: TinyLM, lstm: LSTMLanguageModel
 ) -> None:

@@ -400,3 +400,56 @@ def test_generate_node_streams_and_declares_its_parameters() -> None:
     assert Model.options["generation"].max_batch == 4
     assert {"max_new_tokens", "temperature", "top_k", "seed", "stop"} <= Model.info.params
     assert df.Graph("g", Model).plan().streaming
+
+
+class BatchedToy(Toy):
+    """:class:`Toy` with ``prefill_many``; records the size of each batched prefill."""
+
+    def __init__(self, max_batch: int, **options: Any) -> None:
+        super().__init__(max_batch, **options)
+        self.prefill_batches: list[int] = []
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        if self.fail_prefill is not None and any(self.fail_prefill in p for p in prompts):
+            raise ValueError("poisoned prompt")
+        self.prefill_batches.append(len(slots))
+        return torch.stack([self.prefill(s, p) for s, p in zip(slots, prompts, strict=True)])
+
+
+async def test_joins_in_one_tick_use_prefill_many_and_fall_back_on_failure() -> None:
+    models: list[BatchedToy] = []
+
+    def factory(max_batch: int) -> BatchedToy:
+        models.append(BatchedToy(max_batch, fail_prefill=13))
+        return models[-1]
+
+    node = df.generate(factory, name="gen", placement="thread", max_new_tokens=6)
+    plain = df.generate(Toy, max_new_tokens=6)
+    async with df.Engine(df.Graph("g", node)) as engine:
+        prompts = [[p] for p in range(8)]
+        async with anyio.create_task_group() as tg:
+            out: dict[int, list[Any]] = {}
+
+            async def one(p: list[int]) -> None:
+                out[p[0]] = await engine.run(p, seed=p[0])
+
+            for p in prompts:
+                tg.start_soon(one, p)
+        for p in prompts:
+            assert out[p[0]] == reference(plain, p, seed=p[0])
+        assert max(models[0].prefill_batches) > 1
+        # A poisoned prompt in a batched prefill fails only its own request.
+        results: dict[int, Any] = {}
+
+        async def run(p: int) -> None:
+            try:
+                results[p] = await engine.run([p], temperature=0.0)
+            except df.NodeError as exc:
+                results[p] = exc
+
+        async with anyio.create_task_group() as tg:
+            for p in (12, 13, 14):
+                tg.start_soon(run, p)
+    assert isinstance(results[13], df.NodeError)
+    assert results[12] == reference(plain, [12], temperature=0.0)
+    assert results[14] == reference(plain, [14], temperature=0.0)
