@@ -9,21 +9,7 @@ import pytest
 
 import dataflow as df
 
-
-def node(name: str) -> df.Node:
-    return df.map(lambda x: x, name=name)
-
-
-def shard(name: str) -> df.Node:
-    return df.shard(lambda x: [x, x], name=name)
-
-
-def gen(name: str) -> df.Node:
-    def body(x: Any) -> Iterator[Any]:
-        yield x
-
-    return df.map(body, name=name)
-
+from ._nodes import gen, node, shard
 
 # -- chains ------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ import torch
 import dataflow as df
 from dataflow.graph import _placement
 
+from ._nodes import gen, node, shard
+
 
 @contextmanager
 def graph_error(*names: str, match: str | None = None) -> Iterator[None]:
@@ -25,21 +27,6 @@ def graph_error(*names: str, match: str | None = None) -> Iterator[None]:
     assert set(err.nodes) == set(names), (err.nodes, names)
     for name in names:
         assert repr(name) in str(err), (name, str(err))
-
-
-def node(name: str, **options: Any) -> df.Node:
-    return df.map(lambda x: x, name=name, **options)
-
-
-def shard(name: str) -> df.Node:
-    return df.shard(lambda x: [x, x], name=name)
-
-
-def gen(name: str) -> df.Node:
-    def body(x: Any) -> Iterator[Any]:
-        yield x
-
-    return df.map(body, name=name)
 
 
 # -- structure ---------------------------------------------------------------------

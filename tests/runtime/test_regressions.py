@@ -10,17 +10,9 @@ import pytest
 from anyio import wait_all_tasks_blocked
 
 import dataflow as df
+from tests.runtime.test_semantics import Gate
 
 pytestmark = pytest.mark.anyio
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.open = anyio.Event()
-
-    async def __call__(self, x: int) -> int:
-        await self.open.wait()
-        return x
 
 
 async def test_cancel_shutdown_refuses_callers_still_waiting_for_room() -> None:
