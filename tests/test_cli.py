@@ -29,7 +29,7 @@ def build(delay: float = 0.0, stream: bool = False, fail_on: str = "") -> df.Gra
 
     @df.infer(placement="thread", capacity=2)
     def slow(n: int) -> int:
-        time.sleep(delay)
+        time.sleep(delay)  # simulated work in a node body (intended)
         return n * 2
 
     @df.map

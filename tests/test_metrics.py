@@ -25,7 +25,7 @@ def _graph() -> df.Graph:
 
     @df.map(placement="thread")
     def slow(x: int) -> int:
-        time.sleep(SLEEP)
+        time.sleep(SLEEP)  # simulated work in a node body (intended)
         if x == 3:
             raise ValueError("three")
         return x

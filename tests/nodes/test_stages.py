@@ -184,7 +184,7 @@ class _Sleep(nn.Module):
         self.seconds = seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.seconds)  # simulated work, not synchronisation
+        time.sleep(self.seconds)  # simulated work, not synchronisation (intended)
         return x
 
 

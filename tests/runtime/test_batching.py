@@ -175,7 +175,7 @@ async def test_replicas_keep_each_streams_order_across_batches() -> None:
     def slow_when_first_is_even(values: list[int]) -> list[int]:
         # Batches finish out of order: one replica is slow when the other is fast.
         if (values[0] // 4) % 2 == 0:
-            time.sleep(0.01)  # simulated work
+            time.sleep(0.01)  # simulated work (intended)
         return [v + 1000 for v in values]
 
     gen = df.map(numbers, name="numbers")

@@ -59,7 +59,7 @@ class Toy:
         if self.delay:
             import time
 
-            time.sleep(self.delay)  # simulated work
+            time.sleep(self.delay)  # simulated work (intended)
         if self.fail_step is not None and self.fail_step in last:
             raise RuntimeError("poisoned step")
         self.widest = max(self.widest, len(slots))

@@ -116,7 +116,7 @@ async def test_time_of_nodes_run_inline_is_not_charged_to_the_producer() -> None
         yield from range(n)
 
     def slow(x: int) -> int:
-        time.sleep(0.005)
+        time.sleep(0.005)  # simulated work in a node body (intended)
         return x
 
     graph = df.Graph(

@@ -83,7 +83,7 @@ async def test_deadline_racing_the_result_gives_one_agreed_outcome() -> None:
     rng = random.Random(3)
 
     def work(x: float) -> float:
-        time.sleep(x)
+        time.sleep(x)  # simulated work in a node body (intended)
         return x
 
     graph = df.Graph("race", df.infer(work, name="work", placement="thread", replicas=4))
@@ -117,7 +117,7 @@ async def test_exactly_one_outcome_under_faults_and_random_cancellations() -> No
         return x
 
     def work(x: int) -> int:
-        time.sleep(rng.uniform(0, 0.002))
+        time.sleep(rng.uniform(0, 0.002))  # simulated work in a node body (intended)
         return x
 
     async def hop(x: int) -> int:
@@ -281,7 +281,7 @@ async def test_backpressure_bounds_items_inside_with_a_slow_consumer() -> None:
         peak_inside = peak_ahead = 0
         async for _ in engine.map(inputs(), window=window):
             consumed += 1
-            await anyio.sleep(0.0005)  # the consumer is much slower than the graph
+            await anyio.sleep(0.0005)  # the consumer is much slower than the graph (intended)
             peak_inside = max(peak_inside, engine.items_inside())
             peak_ahead = max(peak_ahead, pulled - consumed)
         assert consumed == 300
@@ -315,7 +315,7 @@ async def test_replicas_keep_order_when_ordered() -> None:
     rng = random.Random(5)
 
     def jitter(x: int) -> int:
-        time.sleep(rng.uniform(0, 0.002))
+        time.sleep(rng.uniform(0, 0.002))  # simulated work in a node body (intended)
         return x
 
     def tokens(n: int) -> Iterator[int]:
@@ -425,7 +425,7 @@ async def test_shard_failure_fails_the_request_once_and_drops_other_parts() -> N
 
 async def test_concurrent_shards_never_mix() -> None:
     def work(x: tuple[int, int]) -> tuple[int, int]:
-        time.sleep(random.uniform(0, 0.001))
+        time.sleep(random.uniform(0, 0.001))  # simulated work in a node body (intended)
         return x
 
     graph = df.Graph(

@@ -20,13 +20,13 @@ def _sleeper(placement: str) -> df.Node:
     if placement == "thread":
 
         def slow(x: int) -> int:
-            time.sleep(SLEEP)
+            time.sleep(SLEEP)  # simulated work in a node body (intended)
             return x
 
         return df.map(slow, name="slow", placement="thread")
 
     async def slow_async(x: int) -> int:
-        await anyio.sleep(SLEEP)
+        await anyio.sleep(SLEEP)  # simulated work in a node body (intended)
         return x
 
     return df.map(slow_async, name="slow")
