@@ -176,11 +176,7 @@ class LSTMSlotCache(SlotAllocator):
             ValueError: on mismatched lengths, repeated slots, an empty prompt, a byte
                 outside 0..255, or a bad slot. Nothing is filled then.
         """
-        if len(slots) != len(id_lists):
-            raise ValueError(f"{len(slots)} slots but {len(id_lists)} prompts")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots repeat in {list(slots)}")
-        prompts = [self._prompt(slot, ids) for slot, ids in zip(slots, id_lists, strict=True)]
+        prompts = self._prompts(slots, id_lists)
         device = self.h.device
         if not prompts:
             return torch.empty(0, self.model.config.vocab_size, device=device)

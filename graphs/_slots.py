@@ -97,16 +97,24 @@ class SlotAllocator:
         check_bytes(prompt)
         return prompt
 
+    def _prompts(
+        self, slots: Sequence[int], id_lists: Sequence[Sequence[int]], window: int | None = None
+    ) -> list[list[int]]:
+        """Checks a ``prefill_many``: :meth:`_prompt` for each slot, slots distinct.
+
+        Raises:
+            ValueError: on mismatched lengths, repeated slots, or any bad prompt.
+        """
+        _distinct_pairs(slots, id_lists, "prompts")
+        return [self._prompt(s, ids, window) for s, ids in zip(slots, id_lists, strict=True)]
+
     def _step_ids(self, slots: Sequence[int], last_ids: Sequence[int]) -> list[int]:
         """Checks a ``step``: returns ``last_ids`` as ints.
 
         Raises:
             ValueError: on mismatched lengths, repeated or unfilled slots, or bad bytes.
         """
-        if len(slots) != len(last_ids):
-            raise ValueError(f"{len(slots)} slots but {len(last_ids)} ids")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots repeat in {list(slots)}")
+        _distinct_pairs(slots, last_ids, "ids")
         new_ids = [int(i) for i in last_ids]
         check_bytes(new_ids)
         for slot in slots:
@@ -173,3 +181,11 @@ def generate(
             logits = decoder.step([slot], [byte])[0]
     finally:
         decoder.free(slot)
+
+
+def _distinct_pairs(slots: Sequence[int], values: Sequence[object], what: str) -> None:
+    """One value per slot, and no slot twice."""
+    if len(slots) != len(values):
+        raise ValueError(f"{len(slots)} slots but {len(values)} {what}")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"slots repeat in {list(slots)}")

@@ -284,13 +284,7 @@ class SlotCache(SlotAllocator):
             ValueError: on mismatched lengths, repeated slots, an empty prompt, a byte
                 outside 0..255, or a bad slot. Nothing is filled then.
         """
-        if len(slots) != len(id_lists):
-            raise ValueError(f"{len(slots)} slots but {len(id_lists)} prompts")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots repeat in {list(slots)}")
-        kept = [
-            self._prompt(slot, ids, self.context) for slot, ids in zip(slots, id_lists, strict=True)
-        ]
+        kept = self._prompts(slots, id_lists, self.context)
         for slot in slots:
             self._used[slot] = True
         return self._prefill_many(list(slots), kept)

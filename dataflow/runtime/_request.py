@@ -243,23 +243,17 @@ class Request:
 class Sink:
     """The graph's exit: hands the sink node's outputs to their requests."""
 
-    __slots__ = ("stats_items",)
-
-    def __init__(self) -> None:
-        self.stats_items = 0
+    __slots__ = ()
 
     def put_nowait(self, item: Item) -> bool:
-        self.stats_items += 1
-        if item.req.deliver(item.value):
-            return True
-        self.stats_items -= 1
-        return False
+        """Deliver ``item``; False (not delivered) if its stream's buffer is full."""
+        return item.req.deliver(item.value)
 
     async def send(self, item: Item) -> None:
+        """Deliver ``item``, waiting for room in its stream's buffer."""
         req = item.req
         while not req.deliver(item.value):
             await req.wait_room()
-        self.stats_items += 1
 
 
 class Deadlines:

@@ -8,8 +8,6 @@ source channel through every node as each node's last worker closes its outputs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio.abc
 
 from ..graph import Graph, Plan, resolve
@@ -127,6 +125,3 @@ class Scheduler:
         return sum(len(ch) for ch in self.inboxes.values()) + sum(
             r.pending_parts() for r in self.runners.values()
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"placements": dict(self.placements)}
