@@ -2,12 +2,18 @@
 
 Each subcommand lives in its own module under ``dataflow/_cli/`` and is imported only
 when used, so ``dataflow show`` does not pay for torch or uvicorn.
+
+Errors a user can cause print one line to stderr, ``dataflow CMD: what went wrong``, and
+set the exit status: 2 for a usage error (a bad option, a missing file, a module with no
+graph), 1 for a failure while running, 130 for Ctrl-C. ``--debug`` (or the environment
+variable ``DATAFLOW_DEBUG=1``) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 __all__ = ["main"]
@@ -16,22 +22,98 @@ _COMMANDS = {
     "run": "run a graph on inputs and print what it produces",
     "serve": "serve graphs over HTTP (OpenAI-compatible)",
     "show": "draw a graph (Mermaid, DOT, SVG, PNG)",
-    "bench": "load-test a graph and report throughput, latency and the bottleneck",
+    "bench": "load-test a graph and report throughput, latency and what limits it",
 }
+USAGE, FAILURE, INTERRUPTED = 2, 1, 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dataflow`` console script; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else argv
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dataflow-engine")
+    except Exception:  # not installed as a distribution: the package's own
+        from . import __version__
+
+        return __version__
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dataflow {_version()}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks (also DATAFLOW_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in _COMMANDS.items():
         module = importlib.import_module(f"dataflow._cli.{name}")
         module.add_parser(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
-    module = importlib.import_module(f"dataflow._cli.{args.command}")
-    status: int = module.main(args)
-    return status
+    return parser
+
+
+def _debug_env() -> bool:
+    return os.environ.get("DATAFLOW_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a user: the error's kind where it helps, and its message."""
+    from ._cli._load import CommandFailed, UsageError
+    from ._errors import DataflowError
+
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, UsageError | CommandFailed | DataflowError) and text:
+        return text
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return f"no such file: {exc.filename}"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if isinstance(exc, TimeoutError) and not text:
+        return "timed out"
+    name = type(exc).__name__
+    return f"{name}: {text} (--debug shows the traceback)" if text else name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dataflow`` console script; returns the exit status."""
+    from ._cli._load import UsageError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = _debug_env()
+    if "--debug" in argv:  # accepted anywhere on the line, not only before the command
+        argv.remove("--debug")
+        debug = True
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help / --version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else USAGE
+    prog = f"dataflow {args.command}"
+    try:
+        module = importlib.import_module(f"dataflow._cli.{args.command}")
+        status: int = module.main(args)
+        return status
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # `dataflow run ... | head`: the reader left; say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return FAILURE
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"{prog}: {describe(exc)}", file=sys.stderr)
+        return USAGE
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"{prog}: {describe(exc)}", file=sys.stderr)
+        return FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

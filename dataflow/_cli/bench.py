@@ -1,24 +1,32 @@
-"""``dataflow bench GRAPH``: load-test a graph; report throughput, latency and the bottleneck.
+"""``dataflow bench GRAPH``: load-test a graph; report throughput, latency and what limits it.
 
 ``--concurrency C`` clients each send requests back to back (``run``, or ``stream`` for a
 streaming graph, where the time to the first output is measured too) until ``--requests
 N`` have been sent. Busy fractions and the bottleneck cover the measured window only
 (not start-up or warm-up): they come from the difference of two ``engine.stats()``.
+
+A node is named the bottleneck only when it limited the run: its input was full, or it
+was busy at least half the window. When every node is mostly idle the report names no
+bottleneck and says what limited the run instead (``limited_by``): the clients (too few
+requests in flight to keep the graph busy) or the input (fewer requests than clients).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
-__all__ = ["add_parser", "main", "run_bench"]
+__all__ = ["BUSY_ENOUGH", "add_parser", "limited_by", "main", "run_bench"]
+
+BUSY_ENOUGH = 0.5  # a node below this busy share, with no full input, limited nothing
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph", help="graph file (graphs/x.py) or module (graphs.x)")
+    parser.add_argument(
+        "graph", help="graph file (graphs/x.py), module (graphs.x), or FILE.py:attribute"
+    )
     parser.add_argument("--requests", "-n", type=int, default=100, help="requests to send")
     parser.add_argument("--concurrency", "-c", type=int, default=8, help="clients at once")
     parser.add_argument(
@@ -143,11 +151,43 @@ async def run_bench(
         "latency_s": _pcts(latencies),
         "ttft_s": _pcts(ttfts) if streaming else None,
         "nodes": nodes,
-        "bottleneck": bottleneck(after, before),
     }
+    neck = bottleneck(after, before)
+    report["bottleneck"], report["limited_by"] = limited_by(
+        neck, requests=requests, concurrency=concurrency
+    )
     if trace:
         report["trace"] = trace
     return report
+
+
+def limited_by(
+    neck: dict[str, Any] | None, *, requests: int, concurrency: int
+) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """``(bottleneck or None, {"what", "reason"})``: what limited the measured run.
+
+    ``neck`` is the runtime's busiest-node verdict; it is kept only if that node really
+    limited the run (input full, or busy at least :data:`BUSY_ENOUGH` of the window).
+    """
+    if neck is not None and (neck["saturated"] or neck["busy"] >= BUSY_ENOUGH):
+        return neck, {"what": "node", "reason": neck["reason"]}
+    idle = (
+        "every node is mostly idle"
+        if neck is None
+        else f"every node is mostly idle (busiest {neck['node']!r} at {neck['busy']:.0%})"
+    )
+    if requests < concurrency:
+        return None, {
+            "what": "input",
+            "reason": f"{idle}: the input ran out: {requests} requests for {concurrency} "
+            "clients (send more with --requests)",
+        }
+    return None, {
+        "what": "clients",
+        "reason": f"{idle}: the client concurrency limited the run: {concurrency} "
+        f"client{'s' if concurrency != 1 else ''}, each waiting for its answer before sending "
+        "the next (raise --concurrency to load the graph)",
+    }
 
 
 def _diff_counts(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
@@ -215,6 +255,8 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(per_node)
     if neck:
         console.print(f"bottleneck: [bold]{neck['node']}[/bold] — {neck['reason']}")
+    else:
+        console.print(f"no bottleneck: {report['limited_by']['reason']}")
     for error, count in report["errors"].items():
         console.print(f"[red]{count} x {error}[/red]")
     if report.get("trace"):
@@ -228,17 +270,16 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from ._load import load_graph, load_module, parse_options
+    from ._load import UsageError, load, parse_options
 
     if args.requests < 1 or args.concurrency < 1:
-        print("dataflow bench: --requests and --concurrency must be >= 1", file=sys.stderr)
-        return 2
-    module = load_module(args.graph)
-    graph = load_graph(args.graph, **parse_options(args.option))
-    inputs: list[Any] = list(args.input) or list(getattr(module, "EXAMPLE_INPUTS", []))
+        raise UsageError("--requests and --concurrency must be >= 1")
+    params = parse_options(args.param, "--param")
+    loaded = load(args.graph, **parse_options(args.option))
+    graph = loaded.graph
+    inputs: list[Any] = list(args.input) or loaded.example_inputs
     if not inputs:
-        print("dataflow bench: no inputs: pass --input", file=sys.stderr)
-        return 2
+        raise UsageError("no inputs: pass --input")
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -256,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
                 inputs,
                 requests=args.requests,
                 concurrency=args.concurrency,
-                params=parse_options(args.param),
+                params=params,
                 timeout=args.timeout,
                 warmup=args.warmup,
                 trace=args.trace,

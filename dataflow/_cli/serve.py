@@ -11,7 +11,11 @@ __all__ = ["add_parser", "main"]
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph", nargs="+", help="graph file (graphs/x.py) or module (graphs.x)")
+    parser.add_argument(
+        "graph",
+        nargs="+",
+        help="graph file (graphs/x.py), module (graphs.x), or FILE.py:attribute",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     parser.add_argument(
@@ -37,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from ._load import load_graph, parse_options
+    from ._load import CommandFailed, load_graph, parse_options
 
     options = parse_options(args.option)
     graphs = [load_graph(spec, **options) for spec in args.graph]
@@ -50,7 +54,13 @@ def main(args: argparse.Namespace) -> int:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        sock.close()
+        raise CommandFailed(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from exc
     # Listening before the line below is printed: a client that connects at once waits
     # in the backlog until the app has started, instead of being refused.
     sock.listen(2048)

@@ -29,7 +29,9 @@ class GraphvizMissing(RuntimeError):
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph", help="graph file (graphs/x.py) or module (graphs.x)")
+    parser.add_argument(
+        "graph", help="graph file (graphs/x.py), module (graphs.x), or FILE.py:attribute"
+    )
     parser.add_argument("--format", "-f", choices=FORMATS, default="mermaid", help="output format")
     parser.add_argument("--output", "-O", help="write to this file instead of stdout")
     parser.add_argument(
