@@ -251,9 +251,6 @@ class Engine:
         else:
             counters.failed += 1
         del self._live[req.id]
-        if req.deadline != math.inf:
-            assert self._deadlines is not None
-            self._deadlines.finished()
         if self._hooks is not None:
             self._hooks.request_end(req)
         backend = self._backend

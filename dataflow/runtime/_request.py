@@ -8,6 +8,14 @@ the caller's outcome and the engine's counters always agree.
 A request counts its live items (``outstanding``). Nodes that emit several items per
 input (shards, generators, fan-out) add to it; the sink and dropped items subtract. When
 it reaches zero every output has been delivered and the request succeeds.
+
+A request also *owns* the work done on its behalf (see ``docs/contracts.md``): whoever
+starts something for it that must stop when it ends — a cancel scope around a body, a
+thread call, a reorder-buffer entry, a parked generation slot — registers a release
+function with :meth:`Request.own` and gets a handle back; when the work ends normally it
+calls :meth:`Request.disown` with the handle (O(1), so nothing grows per item). Whatever
+is still owned when the request ends is released exactly once, from :meth:`Request.finish`,
+whichever way it ends.
 """
 
 from __future__ import annotations
@@ -80,7 +88,8 @@ class Request:
 
     __slots__ = (
         "_buffer_limit",
-        "_cleanups",
+        "_next_handle",
+        "_owned",
         "_on_finish",
         "_reader",
         "_writers",
@@ -122,7 +131,9 @@ class Request:
         self._buffer_limit = buffer
         self._reader: deque[Any] = deque()  # the caller waiting for outputs or the end
         self._writers: deque[Any] = deque()  # the sink waiting for buffer room
-        self._cleanups: list[Callable[[], None]] | None = None
+        # Work done for this request that its end must release: handle -> release().
+        self._owned: dict[int, Callable[[], None]] | None = None
+        self._next_handle = 0
         self._on_finish = on_finish
         # One observer of the end (``Engine.map``), cheaper than a cleanup list.
         self.watcher: Callable[[Request], None] | None = None
@@ -144,14 +155,36 @@ class Request:
         """The most outputs a stream holds for its reader (the engine's ``stream_buffer``)."""
         return self._buffer_limit
 
-    def add_cleanup(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` when the request ends (drop gathered parts, cancel a scope...)."""
+    # -- ownership of the work done for this request ----------------------------------
+    def own(self, release: Callable[[], None]) -> int:
+        """Register work done for this request: ``release()`` runs once when the request
+        ends, unless :meth:`disown` is called with the returned handle first. A request
+        that already ended releases at once (and the handle is 0)."""
         if self.state != PENDING:
-            fn()
-            return
-        if self._cleanups is None:
-            self._cleanups = []
-        self._cleanups.append(fn)
+            release()
+            return 0
+        owned = self._owned
+        if owned is None:
+            owned = self._owned = {}
+        self._next_handle += 1
+        handle = self._next_handle
+        owned[handle] = release
+        return handle
+
+    def disown(self, handle: int) -> None:
+        """The work registered under ``handle`` ended by itself: nothing to release."""
+        owned = self._owned
+        if owned is not None:
+            owned.pop(handle, None)
+
+    def owned_count(self) -> int:
+        """How many pieces of work this request owns now (for tests and stats)."""
+        return 0 if self._owned is None else len(self._owned)
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the request ends: :meth:`own` for work that lasts as long as
+        the request (register it once per request, not once per item)."""
+        self.own(fn)
 
     # -- ending --------------------------------------------------------------------
     def finish(self, state: int, error: BaseException | None = None) -> bool:
@@ -163,9 +196,9 @@ class Request:
         if state != SUCCEEDED and not self.streaming:
             self.outputs.clear()
         self._on_finish(self)
-        cleanups, self._cleanups = self._cleanups, None
-        if cleanups:
-            for fn in cleanups:
+        owned, self._owned = self._owned, None
+        if owned:
+            for fn in owned.values():
                 fn()
         if self.watcher is not None:
             self.watcher(self)
@@ -261,42 +294,48 @@ class Deadlines:
 
     The deadline belongs to the request, not to the caller's wait, so a result arriving
     at the same moment as the deadline ends the request exactly one way and the caller
-    sees that way.
+    sees that way. A heap entry is owned by its request: when the request ends the entry
+    lets go of it at once (so a finished request and its outputs are never kept alive
+    here), and dead entries are compacted away once they outnumber the live ones.
     """
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._heap: list[tuple[float, int, Request]] = []
+        self._heap: list[list[Any]] = []  # [deadline, request id, request or None]
         self._waiters: deque[Any] = deque()
         self._live = 0
 
+    def __len__(self) -> int:
+        return len(self._heap)
+
     def add(self, req: Request) -> None:
         heap = self._heap
-        if len(heap) > 64 and len(heap) > 4 * self._live:
+        if len(heap) > 64 and len(heap) > 2 * self._live:
             # Most entries belong to requests that already ended: drop them.
-            self._heap = heap = [e for e in heap if e[2].state == PENDING]
+            self._heap = heap = [e for e in heap if e[2] is not None]
             heapq.heapify(heap)
         earliest = heap[0][0] if heap else math.inf
-        heapq.heappush(heap, (req.deadline, req.id, req))
+        entry: list[Any] = [req.deadline, req.id, req]
+        heapq.heappush(heap, entry)
         self._live += 1
+        req.own(lambda: self._release(entry))
         if req.deadline < earliest:
             self.backend.wake(self._waiters)
 
-    def finished(self) -> None:
-        """A request with a deadline ended (its heap entry is now dead weight)."""
+    def _release(self, entry: list[Any]) -> None:
+        entry[2] = None
         self._live -= 1
 
     async def run(self) -> None:
         """Expire requests forever (until cancelled with the engine's task group)."""
         import anyio
 
-        heap = self._heap
         while True:
             heap = self._heap
             now = self.backend.time()
-            while heap and heap[0][0] <= now:
-                _, _, req = heapq.heappop(heap)
-                if req.state == PENDING:
+            while heap and (heap[0][2] is None or heap[0][0] <= now):
+                req = heapq.heappop(heap)[2]
+                if req is not None and req.state == PENDING:
                     req.finish(CANCELLED, TimeoutError(f"request {req.id} passed its deadline"))
             delay = heap[0][0] - now if heap else math.inf
             with anyio.move_on_after(delay):
