@@ -23,11 +23,26 @@ from ._errors import (
 )
 from ._streams import MapStream, Stream
 from .engine import Engine, EngineState
-from .graph import Batch, Chain, Graph, Node, StepModel, encode, generate, infer, map, merge, shard
+from .graph import (
+    Batch,
+    Chain,
+    Chunk,
+    Graph,
+    Node,
+    StepModel,
+    TokenLogprob,
+    encode,
+    generate,
+    infer,
+    map,
+    merge,
+    shard,
+)
 
 __all__ = [
     "Batch",
     "Chain",
+    "Chunk",
     "DataflowError",
     "Engine",
     "EngineClosed",
@@ -41,6 +56,7 @@ __all__ = [
     "Overloaded",
     "StepModel",
     "Stream",
+    "TokenLogprob",
     "encode",
     "generate",
     "infer",

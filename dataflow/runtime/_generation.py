@@ -11,190 +11,42 @@ delivered between the two, so a new request waits for one prefill, not a prefill
 step. Back on the loop, each token is checked (end token, stop sequence,
 ``max_new_tokens``), decoded and emitted to its request at once.
 
+A request asks for ``n`` sequences (default 1); each is a row of its own, with its own
+slot and seed stream, and they join as slots free up. Prompts are encoded (chat template,
+``encode``) in the replica's thread at their first prefill, once per request.
+
 A sequence leaves when it finishes, fails, or its request ended (cancelled, deadline): it
 is dropped from the next tick and its slot freed in that tick, so no token is computed
-for it afterwards. A slow reader parks only its own sequence: once a stream holds
-``stream_buffer`` outputs its reader has not taken, the sequence sits out the ticks until
-the reader catches up, so emitting never waits and the batch never stalls.
+for it afterwards. A slow reader parks only its own request's sequences: all sequences of
+one streaming request (``n > 1``, or several inputs after a shard) share its stream buffer,
+so they share one count of outputs emitted and one ``on_consume`` hook (a ``_Group``);
+once the stream holds ``stream_buffer`` outputs its reader has not taken, each of them
+sits out the ticks (an output computed in the same tick is held, not emitted) until the
+reader catches up. Emitting into the exit never waits on a reader, so the batch, and the
+other requests on the node, never stall.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import torch
 
 from .._errors import DataflowError
-from ..graph._generation import GenerationConfig, SamplingParams, StepModel, prompt_ids
+from ..graph._generation import GenerationConfig, SamplingParams, StepModel, _max_positions
 from ._request import PENDING, Item, Request
+from ._sampling import Decoding, sample
 from .executors import LoopReplica
 
 if TYPE_CHECKING:
     from ._worker import NodeRunner
 
 __all__ = ["Decoding", "generate_one", "run_generation_worker", "sample"]
-
-_BYTES = [bytes((i,)) for i in range(256)]
-
-
-class Decoding:
-    """One sequence's sampling and output state: generator, UTF-8 decoder, stop matching.
-
-    Shared by the batched runtime and the unbatched reference (:func:`generate_one`), so
-    both turn the same logits into the same outputs.
-    """
-
-    __slots__ = (
-        "count",
-        "decoder",
-        "eos",
-        "generator",
-        "held",
-        "max_new_tokens",
-        "stops",
-        "temperature",
-        "token_bytes",
-        "top_k",
-    )
-
-    def __init__(self, config: GenerationConfig, params: SamplingParams) -> None:
-        self.temperature = params.temperature
-        self.top_k = params.top_k
-        self.max_new_tokens = params.max_new_tokens
-        self.eos = frozenset(config.eos)
-        self.stops = params.stop
-        self.count = 0
-        self.held = ""  # decoded text withheld because it may begin a stop sequence
-        # A seeded request gets its own generator: its draws depend only on its seed and
-        # steps, so its text does not depend on which other requests share the batch.
-        # Unseeded rows share one generator and are drawn together in one call.
-        self.generator: torch.Generator | None = None
-        if params.temperature > 0 and params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
-        decode = config.decode
-        self.decoder: codecs.IncrementalDecoder | None = None
-        self.token_bytes: Any = None
-        if decode is not None:
-            self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            self.token_bytes = _byte_of if decode == "bytes" else decode
-
-    def advance(self, token: int) -> tuple[Any, bool]:
-        """Take the next sampled token: ``(output or None, finished)``.
-
-        The output is the token itself, or with a decoder the text completed by it (never
-        a partial UTF-8 character, never text that might start a stop sequence).
-        """
-        self.count += 1
-        last = self.count >= self.max_new_tokens
-        decoder = self.decoder
-        if token in self.eos:
-            return (self._flush() if decoder is not None else None), True
-        if decoder is None:
-            return token, last
-        text = self.held + decoder.decode(self.token_bytes(token))
-        stops = self.stops
-        if stops:
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                self.held = ""
-                return text[:cut] or None, True
-        if last:
-            self.held = ""
-            return (text + decoder.decode(b"", final=True)) or None, True
-        keep = _partial_stop(text, stops) if stops else 0
-        if keep:
-            self.held = text[-keep:]
-            text = text[:-keep]
-        else:
-            self.held = ""
-        return text or None, False
-
-    def _flush(self) -> str | None:
-        assert self.decoder is not None
-        text = self.held + self.decoder.decode(b"", final=True)
-        self.held = ""
-        return text or None
-
-
-def _byte_of(token: int) -> bytes:
-    if not 0 <= token < 256:
-        raise ValueError(f"decode='bytes' got token {token}, not a byte value")
-    return _BYTES[token]
-
-
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """The length of the longest end of ``text`` that a stop sequence starts with."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
-
-
-# The randomness of rows without a seed: one generator, one draw for all of them per tick.
-_UNSEEDED = torch.Generator().manual_seed(secrets.randbits(63))
-
-
-def sample(logits: torch.Tensor, rows: Sequence[Decoding]) -> list[int]:
-    """One token per row of ``logits`` ``[N, V]``, each by its row's settings.
-
-    Temperature 0 is greedy. Otherwise the Gumbel-max trick: ``argmax(logits / T + G)``
-    with ``G = -log(E)``, ``E ~ Exp(1)``, restricted to the ``top_k`` largest logits. A
-    seeded row draws ``E`` from its own generator, and every operation is per row (or
-    exact), so its token does not depend on the other rows: batched sampling equals
-    unbatched sampling. The rows without a seed draw ``E`` together in one vectorised call
-    from a shared generator.
-    """
-    logits = logits.float()
-    picked = logits.argmax(dim=-1)
-    hot = [i for i, row in enumerate(rows) if row.temperature > 0]
-    if not hot:
-        return picked.tolist()
-    n, vocab = len(hot), logits.shape[-1]
-    every = n == len(rows)
-    index = None if every else torch.tensor(hot)
-    x = logits if index is None else logits.index_select(0, index)
-    temps = torch.tensor([rows[i].temperature for i in hot], dtype=torch.float32)
-    x = x / temps[:, None]
-    ks = [rows[i].top_k for i in hot]
-    limited = [0 < k < vocab for k in ks]
-    if any(limited):
-        kmax = max(k for k, lim in zip(ks, limited, strict=True) if lim)
-        top = torch.topk(x, kmax, dim=-1).values
-        kth = top.gather(
-            1, torch.tensor([[k - 1 if lim else 0] for k, lim in zip(ks, limited, strict=True)])
-        )
-        kth = kth.masked_fill(~torch.tensor(limited)[:, None], -torch.inf)
-        x = x.masked_fill(x < kth, -torch.inf)
-    noise = torch.empty(n, vocab)
-    unseeded: list[int] = []
-    for j, i in enumerate(hot):
-        generator = rows[i].generator
-        if generator is None:
-            unseeded.append(j)
-            continue
-        row = noise[j]
-        row.exponential_(generator=generator)
-        row.log_()  # per row, so the kernel sees the same data batched or not
-    if len(unseeded) == n:
-        noise.exponential_(generator=_UNSEEDED).log_()
-    elif unseeded:
-        block = torch.empty(len(unseeded), vocab).exponential_(generator=_UNSEEDED).log_()
-        noise[torch.tensor(unseeded)] = block
-    choice = (x - noise).argmax(dim=-1)
-    if index is None:
-        return choice.tolist()
-    picked[index] = choice
-    return picked.tolist()
 
 
 def _row(logits: Any) -> torch.Tensor:
@@ -209,15 +61,20 @@ def _matrix(logits: Any, n: int) -> torch.Tensor:
 
 
 def generate_one(
-    model: StepModel, config: GenerationConfig, ids: list[int], params: SamplingParams
+    model: StepModel,
+    config: GenerationConfig,
+    ids: list[int],
+    params: SamplingParams,
+    index: int = 0,
 ) -> Iterator[Any]:
     """One sequence, unbatched, in slot 0: the reference the batched runtime matches."""
-    decoding = Decoding(config, params)
+    decoding = Decoding(config, params, index, len(ids))
+    advance = decoding.advance_chunk if params.details else decoding.advance
     logits = _row(model.prefill(0, ids))
     try:
         while True:
             token = sample(logits, [decoding])[0]
-            out, done = decoding.advance(token)
+            out, done = advance(token)
             if out is not None:
                 yield out
             if done:
@@ -230,28 +87,106 @@ def generate_one(
 # -- the batched runtime ---------------------------------------------------------------
 
 
-class _Seq:
-    """A running sequence: its request, slot, decoding state and output count."""
+class _Origin:
+    """One admitted input and what its ``n`` sequences share: the request, the tag,
+    the prompt (encoded in the replica's thread at the first prefill), the parameters and
+    the output index counter."""
 
-    __slots__ = ("decoding", "emitted", "ids", "last", "parked", "req", "slot", "tag", "worker")
+    __slots__ = ("emitted", "error", "ids", "params", "req", "tag", "value")
 
-    def __init__(self, worker: _Worker, it: Item, slot: int, ids: list[int], dec: Decoding) -> None:
-        self.worker = worker
+    def __init__(self, it: Item, params: SamplingParams) -> None:
         self.req = it.req
         self.tag = it.tag
-        self.slot = slot
-        self.ids = ids
-        self.decoding = dec
-        self.last = 0
+        self.value = it.value
+        self.params = params
+        self.ids: list[int] | None = None
+        self.error: BaseException | None = None
         self.emitted = 0
-        self.parked = False
+
+    def prepare(self, config: GenerationConfig, max_positions: int | None) -> None:
+        """Encode the prompt and fit the parameters to the model's context (thread)."""
+        if self.ids is not None or self.error is not None:
+            return
+        try:
+            ids = config.prompt_ids(self.value)
+            self.params = self.params.fit(config.node, len(ids), max_positions)
+        except Exception as exc:
+            self.error = exc
+            return
+        self.ids = ids
+        self.value = None
+
+
+class _Group:
+    """The sequences of one streaming request on this node, across its replicas.
+
+    They share the request's stream buffer, so they share one count of outputs emitted
+    and one ``on_consume`` hook on the request: when the buffer is full every one of them
+    parks (or holds its output), and a read wakes the workers of those waiting.
+    """
+
+    __slots__ = ("emitted", "req", "waiting", "workers")
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+        self.emitted = 0
+        self.waiting: set[_Seq] = set()  # parked, or holding outputs for the reader
+        self.workers: set[_Worker] = set()  # those that wake when the request ends
+
+    @staticmethod
+    def of(req: Request) -> _Group | None:
+        """The request's group (created on first use); None for a ``run()`` request,
+        whose outputs are not bounded by a reader."""
+        if not req.streaming:
+            return None
+        group = getattr(req.on_consume, "__self__", None)
+        if not isinstance(group, _Group):
+            group = _Group(req)
+            req.on_consume = group.on_consume
+        return group
+
+    def room(self) -> int:
+        req = self.req
+        return req.buffer_limit - (self.emitted - req.consumed)
 
     def on_consume(self, req: Request) -> None:
-        """The reader took an output: resume once the stream has room again."""
-        if self.parked and self.emitted - req.consumed < req.buffer_limit:
-            self.parked = False
-            req.on_consume = None
-            self.worker.wake()
+        """The reader took an output: wake whoever waits for room."""
+        if self.waiting and self.room() > 0:
+            for worker in {s.worker for s in self.waiting}:
+                worker.wake()
+
+
+class _Seq:
+    """A sequence: its origin, slot, decoding state and outputs held for the reader."""
+
+    __slots__ = (
+        "decoding",
+        "details",
+        "finished",
+        "group",
+        "last",
+        "origin",
+        "parked",
+        "pending",
+        "req",
+        "slot",
+        "worker",
+    )
+
+    def __init__(
+        self, worker: _Worker, origin: _Origin, group: _Group | None, slot: int, dec: Decoding
+    ) -> None:
+        self.worker = worker
+        self.origin = origin
+        self.req = origin.req
+        self.group = group
+        self.slot = slot
+        self.decoding = dec
+        self.details = origin.params.details
+        self.last = 0
+        self.parked = False  # sits out the ticks until its reader makes room
+        self.finished = False  # done, its slot freed; still holding outputs
+        self.pending: list[Item] = []  # outputs waiting for room in the stream
 
 
 _TickResult = tuple[list[BaseException | None], BaseException | None, list[int]]
@@ -263,32 +198,44 @@ def _tick(
     joins: list[_Seq],
     active: list[_Seq],
     last: list[int],
+    config: GenerationConfig,
+    max_positions: int | None,
 ) -> _TickResult:
-    """One step, in the replica's thread: free, prefill, step, sample.
+    """One step, in the replica's thread: free, encode and prefill, step, sample.
 
-    Returns the prefill errors (one per join), the step error, and one token per
-    surviving row: first the joins that prefilled, then the active sequences (absent if
-    the step failed).
+    Returns the join errors (one per join), the step error, and one token per surviving
+    row: first the joins that prefilled, then the active sequences (absent if the step
+    failed).
     """
     for slot in frees:
         with contextlib.suppress(Exception):  # its request has ended: nobody to tell
             model.free(slot)
     mats: list[torch.Tensor] = []
     rows: list[Decoding] = []
-    join_errors: list[BaseException | None] = []
-    batched = _prefill_many(model, joins)
+    join_errors: list[BaseException | None] = [None] * len(joins)
+    good: list[int] = []
+    for k, seq in enumerate(joins):
+        origin = seq.origin
+        origin.prepare(config, max_positions)
+        if origin.error is not None:
+            join_errors[k] = origin.error
+            continue
+        assert origin.ids is not None
+        seq.decoding.prompt_tokens = len(origin.ids)
+        seq.decoding.max_new_tokens = origin.params.max_new_tokens
+        good.append(k)
+    batched = _prefill_many(model, [joins[k] for k in good])
     if batched is not None:
         mats.append(batched)
-        rows.extend(seq.decoding for seq in joins)
-        join_errors = [None] * len(joins)
+        rows.extend(joins[k].decoding for k in good)
     else:
-        for seq in joins:
+        for k in good:
+            seq = joins[k]
             try:
-                mats.append(_row(model.prefill(seq.slot, seq.ids)))
+                mats.append(_row(model.prefill(seq.slot, seq.origin.ids)))  # type: ignore[arg-type]
             except Exception as exc:
-                join_errors.append(exc)
+                join_errors[k] = exc
                 continue
-            join_errors.append(None)
             rows.append(seq.decoding)
     step_error: BaseException | None = None
     if active:
@@ -313,7 +260,8 @@ def _prefill_many(model: StepModel, joins: list[_Seq]) -> torch.Tensor | None:
     if prefill_many is None or len(joins) < 2:
         return None
     try:
-        return _matrix(prefill_many([s.slot for s in joins], [s.ids for s in joins]), len(joins))
+        prompts = [s.origin.ids for s in joins]
+        return _matrix(prefill_many([s.slot for s in joins], prompts), len(joins))
     except Exception:
         return None
 
@@ -331,12 +279,14 @@ class _Worker:
         self.replica = replica
         # The node's body is a GenerationBody instance built in the replica's thread.
         self.model: StepModel = replica.body.model  # type: ignore[union-attr]
+        self.max_positions = _max_positions(self.model)
         self.inline = isinstance(replica, LoopReplica)
         self.backend = runner.backend
         self.max_batch = config.max_batch
         self.free_slots = list(range(config.max_batch - 1, -1, -1))  # pop() = lowest
         self.running: dict[int, _Seq] = {}  # slot -> sequence (stepping or parked)
-        self.joining: deque[Item] = deque()  # admitted, waiting for the next tick
+        self.joining: deque[tuple[_Origin, int]] = deque()  # sequences waiting for a slot
+        self.waiting: set[_Seq] = set()  # parked or holding outputs (see _Group)
         self.to_free: list[int] = []  # slots to free at the start of the next tick
         self.closed = False  # the input ended
         self._waiters: deque[Any] = deque()  # the stepper, when idle
@@ -374,53 +324,98 @@ class _Worker:
                 continue
             stats.items_in += len(items)
             for it in items:
-                if it.req.state != PENDING:
-                    stats.cancelled += 1
-                    continue
-                self.joining.append(it)
-                # A request that ends while its sequence is parked must still free its
-                # slot promptly: its end wakes an idle stepper.
-                it.req.add_cleanup(self.wake)
+                self._admit_one(it)
             self.wake()
+
+    def _admit_one(self, it: Item) -> None:
+        req = it.req
+        stats = self.runner.stats
+        if req.state != PENDING:
+            stats.cancelled += 1
+            return
+        try:
+            params = SamplingParams.from_request(self.config, self.name, **self.runner._kwargs(req))
+        except DataflowError as exc:
+            stats.failed += 1
+            req.fail(exc)
+            return
+        except Exception as exc:
+            self.runner.fail_pending(req, exc)
+            return
+        origin = _Origin(it, params)
+        req.outstanding += params.n - 1  # one per sequence, released as each one ends
+        self.joining.extend((origin, i) for i in range(params.n))
 
     def _leave(self, seq: _Seq) -> None:
         del self.running[seq.slot]
         self.to_free.append(seq.slot)
         # The tick frees before it prefills, so the slot can be handed out at once.
         self.free_slots.append(seq.slot)
-        seq.req.on_consume = None
         if self._admit_waiters:
             self.backend.wake(self._admit_waiters)
+
+    def _wait(self, seq: _Seq) -> None:
+        """``seq`` waits for its reader: parked, or finished with outputs held."""
+        group = seq.group
+        assert group is not None
+        self.waiting.add(seq)
+        group.waiting.add(seq)
+        if self not in group.workers:
+            group.workers.add(self)
+            # A request that ends while its sequence waits must still free its slot
+            # promptly: its end wakes an idle stepper (once per request and replica).
+            group.req.add_cleanup(self.wake)
+
+    def _unwait(self, seq: _Seq) -> None:
+        self.waiting.discard(seq)
+        if seq.group is not None:
+            seq.group.waiting.discard(seq)
 
     def _reap(self) -> None:
         """Drop sequences whose request ended (cancelled, deadline, failed elsewhere)."""
         for seq in [s for s in self.running.values() if s.req.state != PENDING]:
             self.runner.stats.cancelled += 1
+            self._unwait(seq)
             self._leave(seq)
+        for seq in [s for s in self.waiting if s.req.state != PENDING]:
+            self._unwait(seq)
+
+    async def _flush(self) -> None:
+        """Hand waiting sequences' held outputs to readers that made room; resume the
+        parked ones whose stream has room again."""
+        for seq in list(self.waiting):
+            group = seq.group
+            assert group is not None
+            req = seq.req
+            while seq.pending and req.state == PENDING and group.room() > 0:
+                group.emitted += 1
+                await self.runner.emit(seq.pending.pop(0))
+            if req.state != PENDING:
+                self._unwait(seq)
+            elif not seq.pending:
+                if seq.finished:
+                    self._unwait(seq)
+                    req.release(1)
+                elif group.room() > 0:
+                    seq.parked = False
+                    self._unwait(seq)
 
     def _take_joins(self) -> list[_Seq]:
         joins: list[_Seq] = []
         stats = self.runner.stats
         while self.joining and self.free_slots:
-            it = self.joining.popleft()
-            req = it.req
+            origin, index = self.joining.popleft()
+            req = origin.req
             if req.state != PENDING:
-                stats.cancelled += 1
+                if index == 0:
+                    stats.cancelled += 1
                 continue
             try:
-                params = SamplingParams.from_request(
-                    self.config, self.name, **self.runner._kwargs(req)
-                )
-                ids = prompt_ids(self.name, it.value)
-                dec = Decoding(self.config, params)
-            except DataflowError as exc:
-                stats.failed += 1
-                req.fail(exc)
-                continue
+                dec = Decoding(self.config, origin.params, index)
             except Exception as exc:
                 self.runner.fail_pending(req, exc)
                 continue
-            seq = _Seq(self, it, self.free_slots.pop(), ids, dec)
+            seq = _Seq(self, origin, _Group.of(req), self.free_slots.pop(), dec)
             self.running[seq.slot] = seq
             joins.append(seq)
         if self._admit_waiters and self._room() > 0:
@@ -430,13 +425,15 @@ class _Worker:
     async def _step_loop(self) -> None:
         while True:
             self._reap()
+            if self.waiting:
+                await self._flush()
             active = [s for s in self.running.values() if not s.parked]
             joins = self._take_joins()
             if not joins and not active:
                 if self.to_free:
                     await self._run_tick([], [])
                     continue
-                if self.closed and not self.running and not self.joining:
+                if self.closed and not self.running and not self.joining and not self.waiting:
                     return
                 await self.backend.park(self._waiters)
                 continue
@@ -473,7 +470,7 @@ class _Worker:
         last = [s.last for s in active]
         try:
             join_errors, step_error, tokens = await self.replica._run(
-                _tick, self.model, frees, joins, active, last
+                _tick, self.model, frees, joins, active, last, self.config, self.max_positions
             )
         except Exception as exc:  # sampling failed (e.g. rows of different vocabularies)
             join_errors, step_error, tokens = [exc] * len(joins), exc, []
@@ -492,7 +489,7 @@ class _Worker:
             await self._deliver(seq, token)
 
     def _fail(self, seq: _Seq, exc: BaseException) -> None:
-        if seq.slot in self.running:
+        if self.running.get(seq.slot) is seq:
             self._leave(seq)
         self.runner.fail_pending(seq.req, exc)
 
@@ -501,23 +498,39 @@ class _Worker:
         if req.state != PENDING:
             return  # ended during the tick; reaped before the next one
         try:
-            out, done = seq.decoding.advance(token)
+            if seq.details:
+                out, done = seq.decoding.advance_chunk(token)
+            else:
+                out, done = seq.decoding.advance(token)
         except Exception as exc:
             self._fail(seq, exc)
             return
         seq.last = token
+        group = seq.group
         if out is not None:
             req.outstanding += 1
-            index = seq.emitted
-            seq.emitted = index + 1
-            await self.runner.emit(Item(req, out, (*seq.tag, (index, 0))))
+            origin = seq.origin
+            index = origin.emitted
+            origin.emitted = index + 1
+            item = Item(req, out, (*origin.tag, (index, 0)))
+            if group is None:
+                await self.runner.emit(item)
+            elif seq.pending or group.room() <= 0:
+                seq.pending.append(item)  # the stream is full: held until its reader reads
+            else:
+                group.emitted += 1
+                await self.runner.emit(item)
         if done:
-            if seq.slot in self.running:
+            if self.running.get(seq.slot) is seq:
                 self._leave(seq)
-            req.release(1)
-        elif req.streaming and seq.emitted - req.consumed >= req.buffer_limit:
+            if seq.pending:
+                seq.finished = True
+                self._wait(seq)
+            else:
+                req.release(1)
+        elif group is not None and (seq.pending or group.room() <= 0):
             seq.parked = True
-            req.on_consume = seq.on_consume
+            self._wait(seq)
 
 
 async def run_generation_worker(runner: NodeRunner, index: int) -> None:
