@@ -153,7 +153,8 @@ class MapStream:
                 room = self._window - len(self._pending)
                 if not self._exhausted and room > 0:
                     if self._sync is not None and (
-                        engine.max_in_flight is None or engine._admitted < engine.max_in_flight
+                        engine.max_in_flight is None
+                        or (engine._admitted < engine.max_in_flight and not engine._admission)
                     ):
                         await self._submit_ready(room)
                         continue

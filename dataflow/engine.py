@@ -11,14 +11,15 @@ import enum
 import math
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
-from ._errors import EngineClosed, InvalidRequest, Overloaded
+from ._errors import DataflowError, EngineClosed, InvalidRequest, Overloaded
 from ._log import logger
 from ._streams import MapStream, Stream
 from .graph import Graph
@@ -26,6 +27,7 @@ from .runtime._backend import Backend, current_backend
 from .runtime._channel import BrokenChannel, Channel
 from .runtime._request import (
     CANCELLED,
+    PENDING,
     SUCCEEDED,
     Deadlines,
     Item,
@@ -39,6 +41,16 @@ from .runtime._trace import TraceOption, Tracer, make_tracer, start_tracing
 from .runtime._worker import advance, deliver, deliver_nowait
 
 __all__ = ["Engine", "EngineState"]
+
+
+class _Ticket:
+    """A request's place in the admission queue."""
+
+    __slots__ = ("granted", "waiters")
+
+    def __init__(self) -> None:
+        self.granted = False
+        self.waiters: deque[Any] = deque()
 
 
 class EngineState(enum.Enum):
@@ -68,6 +80,9 @@ class Engine:
             channels (for measuring them, or to keep each node's work in its own task).
         trace: record per-request spans (see ``docs/observability.md``): ``True`` keeps
             them in :attr:`tracer`, a path also writes Perfetto JSON there on exit.
+        grace: seconds a body still running after the engine's requests ended (a thread
+            call that never returns) is waited for on exit; then leaving ``async with``
+            raises :class:`DataflowError` naming the node instead of waiting forever.
 
     Raises:
         GraphError: the graph is invalid or a placement is unavailable here.
@@ -82,6 +97,7 @@ class Engine:
         stream_buffer: int = 16,
         inline: bool = True,
         trace: TraceOption = None,
+        grace: float = 10.0,
     ) -> None:
         if not isinstance(graph, Graph):
             raise TypeError(f"Engine needs a dataflow Graph, got {type(graph).__name__}")
@@ -92,6 +108,9 @@ class Engine:
             raise ValueError("shutdown must be 'drain' or 'cancel'")
         if stream_buffer < 1:
             raise ValueError("stream_buffer must be >= 1")
+        if not isinstance(grace, int | float) or not grace > 0:
+            raise ValueError(f"grace must be seconds > 0, got {grace!r}")
+        self.grace = float(grace)
         self.graph = graph
         self.plan = graph.plan()
         self.max_in_flight = max_in_flight
@@ -105,7 +124,7 @@ class Engine:
         self._state = EngineState.UNOPENED
         self._next_id = 0
         self._live: dict[int, Request] = {}
-        self._admission: deque[Any] = deque()
+        self._admission: deque[_Ticket] = deque()  # requests waiting for a place, FIFO
         self._admitted = 0  # requests past admission control and not yet ended
         self._idle: deque[Any] = deque()
         self._backend: Backend | None = None
@@ -116,6 +135,7 @@ class Engine:
         self._loop_thread = 0
         self.tracer: Tracer | None = make_tracer(trace)
         self._hooks: Tracer | None = None  # the tracer, or a hop logger, or None
+        self._unsuspended = 0  # run() calls answered without suspending, since the last
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -198,16 +218,27 @@ class Engine:
             self._scheduler.close_input(cancel=cancelling)
             if self._deadline_scope is not None:
                 self._deadline_scope.cancel()
+            stuck: list[str] = []
             try:
                 # The block's own exception is not the task group's business: handing it
                 # to __aexit__ would wrap it in an exception group.
                 await self._tg.__aexit__(None, None, None)
             finally:
-                await self._scheduler.stop()
+                stuck = await self._scheduler.stop(self.grace)
                 self._state = EngineState.CLOSED
                 logger().info("engine for graph %r stopped", self.graph.name)
                 if self.tracer is not None:
                     self.tracer.close()
+        if stuck:
+            names = ", ".join(repr(n) for n in stuck)
+            message = (
+                f"node {names} was still running {self.grace:g} s after engine "
+                f"{self.graph.name!r} closed (a body that never returns); its thread was "
+                "left behind. Raise Engine(grace=...) if it only needs longer"
+            )
+            if exc_type is None:
+                raise DataflowError(message)
+            logger().error("%s", message)
         return False
 
     async def _drain(self) -> None:
@@ -257,8 +288,8 @@ class Engine:
         assert backend is not None
         if req.admitted:
             self._admitted -= 1
-        if self._admission:
-            backend.wake(self._admission)
+            if self._admission:
+                self._grant()
         if self._idle and not counters.in_flight:
             backend.wake_all(self._idle)
 
@@ -313,14 +344,18 @@ class Engine:
         self._check_params(params)
         deadline = self._deadline(timeout)
         limit = self.max_in_flight
-        if limit is not None and self._admitted >= limit and not wait:
+        # Admission is FIFO: while anybody waits for room, newcomers queue behind them.
+        full = limit is not None and (self._admitted >= limit or bool(self._admission))
+        if full and not wait:
             raise Overloaded(f"engine is at max_in_flight={limit}; retry later or pass wait=True")
         req = self._new_request(params, streaming, deadline, watcher)
         if limit is not None:
-            if self._admitted >= limit and not await self._admit(req, limit):
-                return req  # it ended (deadline, shutdown) while waiting for room
-            self._admitted += 1
-            req.admitted = True
+            if full:
+                if not await self._admit(req):
+                    return req  # it ended (deadline, shutdown) while waiting for room
+            else:
+                self._admitted += 1
+                req.admitted = True
         await self._enter([Item(req, x)], deadline)
         return req
 
@@ -338,7 +373,7 @@ class Engine:
         deadline = self._deadline(timeout)
         limit = self.max_in_flight
         if limit is not None:
-            xs = xs[: max(0, limit - self._admitted)]
+            xs = [] if self._admission else xs[: max(0, limit - self._admitted)]
         assert self._scheduler is not None
         if not xs:
             return [], [], self._scheduler.source
@@ -405,30 +440,52 @@ class Engine:
                 it.req.cancel()
             raise
 
-    async def _admit(self, req: Request, limit: int) -> bool:
-        """Wait until fewer than ``limit`` requests are admitted; False if ``req`` ended
-        first. The request counts as submitted while it waits, so a deadline that expires
-        here is a timed-out request like any other."""
+    async def _admit(self, req: Request) -> bool:
+        """Wait, first come first served, for one of the ``max_in_flight`` places; True
+        once it is granted (counted in ``_admitted``), False if ``req`` ended first. The
+        request counts as submitted while it waits, so a deadline that expires here is a
+        timed-out request like any other."""
         backend = self._backend
         assert backend is not None
+        ticket = _Ticket()
+        self._admission.append(ticket)
+        handle = req.own(lambda: backend.wake_all(ticket.waiters))
         remaining = None if req.deadline == math.inf else req.deadline - backend.time()
         try:
             with anyio.fail_after(remaining):
-                while self._admitted >= limit:
-                    if req.done:
-                        return False
-                    await backend.park(self._admission)
-        except TimeoutError as exc:
-            req.cancel(exc)
+                while not ticket.granted and not req.done:
+                    await backend.park(ticket.waiters)
+        except BaseException as exc:
+            if ticket.granted:
+                req.admitted = True  # given back by its end, just below
+            else:
+                self._admission.remove(ticket)
+            req.cancel(exc if isinstance(exc, TimeoutError) else None)
+            if not isinstance(exc, TimeoutError):
+                raise
             return False
-        except BaseException:
-            req.cancel()
-            raise
+        finally:
+            req.disown(handle)
+        if not ticket.granted:
+            self._admission.remove(ticket)
+            return False
+        req.admitted = True  # the place is the request's now: its end gives it back
         if req.done:
+            self._admitted -= 1
+            self._grant()
             return False
-        if self._admission and self._admitted + 1 < limit:
-            backend.wake(self._admission)  # room for more than us: pass it on
         return True
+
+    def _grant(self) -> None:
+        """Hand free places to the longest waiting requests."""
+        limit = self.max_in_flight
+        queue = self._admission
+        while queue and limit is not None and self._admitted < limit:
+            ticket = queue.popleft()
+            ticket.granted = True
+            self._admitted += 1
+            assert self._backend is not None
+            self._backend.wake(ticket.waiters)
 
     def _outcome(self, req: Request) -> Any:
         if req.state == SUCCEEDED:
@@ -440,7 +497,14 @@ class Engine:
         raise req.outcome_error()
 
     async def run(
-        self, x: Any, *, timeout: float | None = None, wait: bool = True, **params: Any
+        self,
+        x: Any,
+        /,
+        *,
+        timeout: float | None = None,
+        wait: bool = True,
+        params: Mapping[str, Any] | None = None,
+        **kw_params: Any,
     ) -> Any:
         """Run one input through the graph and return its result.
 
@@ -451,7 +515,9 @@ class Engine:
             x: the input of the graph's entry node.
             timeout: seconds until the request is cancelled everywhere.
             wait: at ``max_in_flight``, wait for room (True) or raise Overloaded (False).
-            **params: per-request parameters, given to the nodes that declare them.
+            params: per-request parameters, given to the nodes that declare them (the
+                way to pass one named like an engine argument: ``params={"timeout": 3}``).
+            **kw_params: more per-request parameters (a name may not be given both ways).
 
         Raises:
             NodeError: a node failed for this request (the cause is chained).
@@ -460,36 +526,54 @@ class Engine:
             InvalidRequest: a parameter no node accepts, or a bad timeout.
             EngineClosed: the engine is not running, or closed while this request ran.
         """
-        req = await self._submit(x, timeout, wait, params, streaming=False)
-        try:
-            await req.wait_done()
-        except BaseException:
-            req.cancel()
-            raise
+        req = await self._submit(x, timeout, wait, _params(params, kw_params), streaming=False)
+        if req.state == PENDING:
+            try:
+                await req.wait_done()
+            except BaseException:
+                req.cancel()
+                raise
+        else:
+            # Answered without suspending (an idle inline graph): stay fair to the loop
+            # and let a surrounding cancel scope act, every few calls.
+            self._unsuspended += 1
+            if self._unsuspended >= 16:
+                self._unsuspended = 0
+                await anyio.lowlevel.checkpoint()
         return self._outcome(req)
 
     def stream(
-        self, x: Any, *, timeout: float | None = None, wait: bool = True, **params: Any
+        self,
+        x: Any,
+        /,
+        *,
+        timeout: float | None = None,
+        wait: bool = True,
+        params: Mapping[str, Any] | None = None,
+        **kw_params: Any,
     ) -> Stream:
         """Stream one input's outputs as the graph produces them.
 
         Use as ``async for out in engine.stream(x)``. Leaving the loop early, calling
         ``aclose()`` or cancelling the consumer cancels the request everywhere.
-        Raises (from iteration) what :meth:`run` raises.
+        Raises (from iteration) what :meth:`run` raises; ``params`` as in :meth:`run`.
         """
         self._check_open()
-        self._check_params(params)
-        return Stream(self, x, timeout, wait, params)
+        merged = _params(params, kw_params)
+        self._check_params(merged)
+        return Stream(self, x, timeout, wait, merged)
 
     def map(
         self,
         inputs: Iterable[Any] | AsyncIterable[Any],
+        /,
         *,
         ordered: bool = True,
         window: int | None = None,
         timeout: float | None = None,
         return_exceptions: bool = False,
-        **params: Any,
+        params: Mapping[str, Any] | None = None,
+        **kw_params: Any,
     ) -> MapStream:
         """Run many inputs, pulling the next only when one of at most ``window`` ends.
 
@@ -501,11 +585,13 @@ class Engine:
                 every stage can be busy).
             timeout: per-request deadline in seconds.
             return_exceptions: yield a failed request's exception instead of raising it.
-            **params: per-request parameters for every input.
+            params: per-request parameters for every input (as in :meth:`run`).
+            **kw_params: more per-request parameters.
 
         Raises (from iteration) what :meth:`run` raises, unless ``return_exceptions``.
         """
         self._check_open()
+        params = _params(params, kw_params)
         self._check_params(params)
         if window is None:
             assert self._scheduler is not None
@@ -524,3 +610,19 @@ class Engine:
     def items_inside(self) -> int:
         """How many items the graph holds right now (channels and merge buffers)."""
         return 0 if self._scheduler is None else self._scheduler.items_inside()
+
+
+def _params(params: Mapping[str, Any] | None, kw_params: dict[str, Any]) -> dict[str, Any]:
+    """One request's parameters: ``params=`` merged with the keyword ones."""
+    if params is None:
+        return kw_params
+    if not isinstance(params, Mapping):
+        raise InvalidRequest(f"params must be a mapping of names to values, got {params!r}")
+    both = sorted(set(params) & set(kw_params))
+    if both:
+        raise InvalidRequest(
+            f"parameter(s) {', '.join(both)} given both in params= and as keywords"
+        )
+    if not kw_params:
+        return dict(params)
+    return {**params, **kw_params}

@@ -33,7 +33,7 @@ class Abandoned(Exception):
 class ThreadCall:
     """One pending call into a worker thread; its outcome reaches the loop by callback."""
 
-    __slots__ = ("args", "error", "fn", "result", "waker")
+    __slots__ = ("args", "cancelled", "error", "fn", "on_done", "result", "waker")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
@@ -41,13 +41,22 @@ class ThreadCall:
         self.result: Any = None
         self.error: BaseException | None = None
         self.waker: Callable[[], None] | None = None
+        # Set on the loop when nobody waits for the outcome any more: a call the thread
+        # has not begun is then skipped (and its arguments dropped) when reached.
+        self.cancelled = False
+        # Called on the loop once the thread is done with the call (run or skipped),
+        # whether or not anybody still waits for it.
+        self.on_done: Callable[[], None] | None = None
 
     def run(self) -> None:
         """Run in the worker thread, then hand the outcome back to the loop."""
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as exc:  # delivered to the awaiting task, re-raised there
-            self.error = exc
+        if self.cancelled:
+            self.args = ()
+        else:
+            try:
+                self.result = self.fn(*self.args)
+            except BaseException as exc:  # delivered to the awaiting task, re-raised there
+                self.error = exc
         waker = self.waker
         if waker is not None:
             waker()
@@ -133,6 +142,8 @@ class AsyncioBackend(Backend):
         def resolved() -> None:
             if not fut.done():
                 fut.set_result(None)
+            if call.on_done is not None:
+                call.on_done()
 
         def waker() -> None:
             loop.call_soon_threadsafe(resolved)
@@ -146,7 +157,11 @@ class AsyncioBackend(Backend):
 
             abandon(give_up)
         submit(call)
-        await fut
+        try:
+            await fut
+        except BaseException:
+            call.cancelled = True  # not begun yet: the thread skips it
+            raise
         if call.error is not None:
             raise call.error
         return call.result
@@ -201,6 +216,8 @@ class TrioBackend(Backend):
             if state["waiting"]:
                 state["waiting"] = False
                 lowlevel.reschedule(task)
+            if call.on_done is not None:
+                call.on_done()
 
         def abort(_: Any) -> Any:
             state["waiting"] = False
@@ -222,7 +239,11 @@ class TrioBackend(Backend):
 
             abandon(give_up)
         submit(call)
-        await lowlevel.wait_task_rescheduled(abort)
+        try:
+            await lowlevel.wait_task_rescheduled(abort)
+        except BaseException:
+            call.cancelled = True  # not begun yet: the thread skips it
+            raise
         if call.error is not None:
             raise call.error
         return call.result

@@ -89,8 +89,8 @@ class Request:
     __slots__ = (
         "_buffer_limit",
         "_next_handle",
-        "_owned",
         "_on_finish",
+        "_owned",
         "_reader",
         "_writers",
         "admitted",

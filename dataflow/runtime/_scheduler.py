@@ -96,14 +96,19 @@ class Scheduler:
             if self.inline:
                 runner.enable_inline()
         for runner in self.runners.values():
+            runner.tg = tg
             for index in range(runner.worker_count()):
                 tg.start_soon(runner.run_worker, index, name=f"dataflow:{runner.name}:{index}")
 
-    async def stop(self) -> None:
-        """Tear down replicas and join every thread."""
+    async def stop(self, grace: float = float("inf")) -> list[str]:
+        """Tear down replicas and join every thread; the names of the nodes whose body
+        was still running ``grace`` seconds on (their threads are left behind)."""
         started, self._started = self._started, []
+        stuck = []
         for runner in reversed(started):
-            await runner.stop()
+            if not await runner.stop(grace):
+                stuck.append(runner.name)
+        return stuck
 
     def close_input(self, *, cancel: bool = False) -> None:
         """No more requests: the end flows through the graph. With ``cancel``, callers

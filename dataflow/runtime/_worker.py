@@ -8,7 +8,6 @@ lookups rather than a trip through the event loop.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import anyio
 from .._errors import DataflowError, InvalidRequest, NodeError
 from ..graph import Node
 from ._backend import Abandoned
-from ._channel import Channel
+from ._channel import BrokenChannel, Channel
 from ._request import FAILED, PENDING, SUCCEEDED, Item, Request, Sink, Tag
 from .executors import LoopReplica, Replica, ThreadReplica, make_replica
 
@@ -78,12 +77,13 @@ def _node_error(node: str, req: Request, exc: BaseException) -> DataflowError:
 class _Slot:
     """The outputs of one input of an ordered, replicated node."""
 
-    __slots__ = ("done", "live", "outs")
+    __slots__ = ("done", "live", "outs", "waiters")
 
     def __init__(self, live: bool) -> None:
         self.outs: list[Item] = []
         self.done = False
         self.live = live  # emits directly: every earlier input is out
+        self.waiters: deque[Any] = deque()  # its producer, waiting for it to go live
 
 
 class _Gather:
@@ -140,6 +140,13 @@ class NodeRunner:
         self._lanes = list(range(self.replicas))  # worker -> the replica it feeds
         # Set by the engine when tracing or hop logging is on; None keeps the fast path.
         self.tracer: Tracer | None = None
+        # Run each item under a cancel scope its request owns (any body that can await).
+        self._scoped = True
+        # The engine's task group: a generator at the exit whose stream's reader is slow
+        # goes on in a task of its own there, so this node's workers move on.
+        self.tg: Any = None
+        self._to_sink = len(outputs) == 1 and type(outputs[0][0]) is Sink
+        self.detached = 0  # generators going on in their own task now
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -163,6 +170,10 @@ class NodeRunner:
                 err = NodeError(self.name, None, exc)
                 err.__cause__ = exc
                 raise err from exc
+        self._scoped = not (
+            self.node.info.mode == "function"
+            and all(isinstance(r, LoopReplica) for r in self.replica_objs)
+        )
         # A replica that keeps several items in flight (a Ray actor) gets a worker per item.
         self._lanes = [i for i, r in enumerate(self.replica_objs) for _ in range(r.in_flight)]
         if len(self._lanes) > self.replicas:
@@ -170,11 +181,16 @@ class NodeRunner:
             self._ordered = self.node.ordered and self.node.kind != "merge"
             self._window = max(2 * len(self._lanes), 4)
 
-    async def stop(self) -> None:
-        """Tear down every replica (``teardown()``, threads joined); never raises."""
+    async def stop(self, grace: float = float("inf")) -> bool:
+        """Tear down every replica (``teardown()``, threads joined); never raises.
+        False if a body was still running ``grace`` seconds on (see ``Engine(grace=)``)."""
+        clean = True
         with anyio.CancelScope(shield=True):
             for replica in reversed(self.replica_objs):
+                replica.grace = grace
                 await replica.stop()
+                clean = clean and not replica.stuck
+        return clean
 
     def worker_count(self) -> int:
         return len(self._lanes)
@@ -222,8 +238,15 @@ class NodeRunner:
 
     def can_borrow(self) -> bool:
         """Whether a caller may run this node's next item itself right now: its only
-        worker waits on an empty input and nobody else is borrowing it."""
-        return not self.inline_sync and self.parked and not self._borrowed and not len(self.inbox)
+        worker waits on an empty input, nobody else is borrowing it, and its replica is
+        not still busy with a call abandoned by an earlier request."""
+        return (
+            not self.inline_sync
+            and self.parked
+            and not self._borrowed
+            and not len(self.inbox)
+            and not getattr(self.replica_objs[0], "busy", False)
+        )
 
     async def borrow(self, it: Item) -> None:
         """Process ``it`` in the caller's task, as the worker would.
@@ -245,21 +268,9 @@ class NodeRunner:
             ):
                 await self._borrow_thread_call(replica, it)
                 return
-            with anyio.CancelScope() as scope:
-                req = it.req
-
-                def stop_waiting() -> None:
-                    # A success ends the request from inside this scope (the sink):
-                    # nothing to interrupt then, and cancelling would cost a loop trip.
-                    if req.state != SUCCEEDED:
-                        scope.cancel()
-
-                req.add_cleanup(stop_waiting)
-                self.stats.items_in += 1
-                self.inbox.stats.items += 1  # it crossed the edge, if not the queue
-                await self._process(0, it, None)
-            if scope.cancelled_caught:
-                self.stats.cancelled += 1  # its request ended while the body ran
+            self.stats.items_in += 1
+            self.inbox.stats.items += 1  # it crossed the edge, if not the queue
+            await self._process(0, it, None, scoped=True)
         finally:
             self._borrowed = False
             if self._borrow_waiters:
@@ -282,8 +293,11 @@ class NodeRunner:
         self.stats.items_in += 1
         self.inbox.stats.items += 1
 
+        handle = 0
+
         def on_end(give_up: Callable[[], None]) -> None:
-            req.add_cleanup(lambda: give_up() if req.state != SUCCEEDED else None)
+            nonlocal handle
+            handle = req.own(give_up)
 
         start = time.perf_counter()
         try:
@@ -296,6 +310,7 @@ class NodeRunner:
             req.fail(_node_error(self.name, req, exc))
             return
         finally:
+            req.disown(handle)
             self._computed(0, req, start)
         out = self.outputs[0][0] if len(self.outputs) == 1 else None
         if (type(out) is Channel and len(out) < out.capacity) or type(out) is Sink:
@@ -304,8 +319,11 @@ class NodeRunner:
             return
         # The output may be full: stop waiting for room if the request ends meanwhile.
         with anyio.CancelScope() as scope:
-            req.add_cleanup(lambda: scope.cancel() if req.state != SUCCEEDED else None)
-            await self.emit(it)
+            handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
+            try:
+                await self.emit(it)
+            finally:
+                req.disown(handle)
 
     def _apply(self, fn: Callable[[Any], Any], items: list[Item]) -> list[Item]:
         """Run a simple body on each live item; failures end only their request."""
@@ -347,6 +365,8 @@ class NodeRunner:
                 await run_batching_worker(self, index)
             else:
                 await self._run_general(index)
+        except BrokenChannel:
+            pass  # the engine is cancelling: its channels were closed under us
         finally:
             self._running -= 1
             if self._running == 0:
@@ -444,12 +464,31 @@ class NodeRunner:
                 since_park = 0
                 await anyio.lowlevel.checkpoint()
 
-    async def _process(self, index: int, it: Item, collect: _Slot | None) -> None:
-        """Run the body on one item and emit (or collect) what it produces."""
+    async def _process(
+        self, index: int, it: Item, collect: _Slot | None, *, scoped: bool = False
+    ) -> None:
+        """Run the body on one item and emit (or collect) what it produces, under a
+        cancel scope the request owns: its end interrupts the body at its next await."""
         req = it.req
         if req.state != PENDING:
             self.stats.cancelled += 1
             return
+        if not (scoped or self._scoped):
+            await self._process_item(index, it, collect)
+            return
+        with anyio.CancelScope() as scope:
+            # A success ends the request from inside this scope (the sink): nothing to
+            # interrupt then, and cancelling would cost a loop trip.
+            handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
+            try:
+                await self._process_item(index, it, collect)
+            finally:
+                req.disown(handle)
+        if scope.cancelled_caught:
+            self.stats.cancelled += 1  # its request ended while the body ran
+
+    async def _process_item(self, index: int, it: Item, collect: _Slot | None) -> None:
+        req = it.req
         if self.tracer is not None:
             self.tracer.take(self, index, it)
         node = self.node
@@ -504,9 +543,12 @@ class NodeRunner:
         it where it runs (a Ray actor drops it if it has not begun); returns None then,
         a result nobody receives, like any result of an ended request."""
         with anyio.CancelScope() as scope:
-            req.add_cleanup(scope.cancel)
-            with anyio.fail_after(self.node.timeout):
-                return await replica.call(value, kw)
+            handle = req.own(scope.cancel)
+            try:
+                with anyio.fail_after(self.node.timeout):
+                    return await replica.call(value, kw)
+            finally:
+                req.disown(handle)
         return None
 
     def _computed(self, index: int, req: Request, start: float) -> None:
@@ -523,24 +565,74 @@ class NodeRunner:
         self, index: int, it: Item, kw: dict[str, Any], collect: _Slot | None
     ) -> None:
         req = it.req
-        i = 0
-        async with contextlib.aclosing(self.replica_objs[index].iterate(it.value, kw)) as outs:
-            while True:
-                start = time.perf_counter()
+        outs: Any = self.replica_objs[index].iterate(it.value, kw)
+        try:
+            if await self._pump(index, req, it.tag, outs, collect, 0):
+                outs = None  # it goes on in a task of its own, which closes it
+        finally:
+            if outs is not None:
+                await outs.aclose()
+        if outs is not None:
+            req.release(1)
+
+    async def _pump(
+        self,
+        index: int,
+        req: Request,
+        tag: Tag,
+        outs: Any,
+        collect: _Slot | None,
+        i: int,
+    ) -> bool:
+        """Emit a generator's outputs; True if it was handed to a task of its own
+        because its stream's reader is slow (a generator at the graph's exit)."""
+        detach = self._to_sink and req.streaming and collect is None and self.tg is not None
+        while True:
+            start = time.perf_counter()
+            try:
+                value = await anext(outs)
+            except StopAsyncIteration:
+                return False
+            finally:
+                self._computed(index, req, start)
+            if req.state != PENDING:
+                return False
+            req.outstanding += 1
+            item = Item(req, value, (*tag, (i, 0)))
+            i += 1
+            if detach and len(req.outputs) >= req.buffer_limit:
+                # The reader is behind: only this request's generator waits for it.
+                self.detached += 1
+                self.tg.start_soon(self._go_on, index, item, outs, i)
+                return True
+            await self._emit(item, collect)
+            if req.state != PENDING:
+                return False
+
+    async def _go_on(self, index: int, item: Item, outs: Any, i: int) -> None:
+        """The rest of a detached generator: wait for the reader, then go on."""
+        req = item.req
+        handed = False
+        try:
+            with anyio.CancelScope() as scope:
+                handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
                 try:
-                    value = await anext(outs)
-                except StopAsyncIteration:
-                    break
+                    await self.emit(item)
+                    if req.state == PENDING:
+                        handed = await self._pump(index, req, item.tag[:-1], outs, None, i)
+                except Exception as exc:
+                    self.stats.failed += 1
+                    req.fail(_node_error(self.name, req, exc))
                 finally:
-                    self._computed(index, req, start)
-                if req.state != PENDING:
-                    break
-                req.outstanding += 1
-                await self._emit(Item(req, value, (*it.tag, (i, 0))), collect)
-                i += 1
-                if req.state != PENDING:
-                    break
-        req.release(1)
+                    req.disown(handle)
+            if scope.cancelled_caught:
+                self.stats.cancelled += 1
+        finally:
+            self.detached -= 1
+            if not handed:
+                with anyio.CancelScope(shield=True):
+                    await outs.aclose()
+                req.release(1)
 
     async def _merge(self, index: int, it: Item, kw: dict[str, Any], collect: _Slot | None) -> None:
         req = it.req
@@ -570,8 +662,15 @@ class NodeRunner:
     async def _emit(self, it: Item, collect: _Slot | None) -> None:
         if collect is None or collect.live:
             await self.emit(it)
-        else:
-            collect.outs.append(it)  # an earlier input's outputs are still to go out
+            return
+        collect.outs.append(it)  # an earlier input's outputs are still to go out
+        # Bounded: a later input holds at most its stream's buffer of outputs, then waits
+        # until it is the head (its request's end interrupts the wait: owned scope).
+        req = it.req
+        while not collect.live and len(collect.outs) >= req.buffer_limit:
+            if req.state != PENDING:
+                return
+            await self.backend.park(collect.waiters)
 
     async def emit(self, it: Item) -> None:
         """Send ``it`` to every output (a copy per extra output: fan-out)."""
@@ -633,6 +732,8 @@ class NodeRunner:
                     await self.emit(slot.outs.pop(0))
                 if not slot.done:
                     slot.live = True
+                    if slot.waiters:
+                        self.backend.wake_all(slot.waiters)
                     break
                 del self._slots[self._head]
                 self._head += 1

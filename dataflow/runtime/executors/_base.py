@@ -9,10 +9,12 @@ outside this process (Ray) override the calls themselves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ...graph import Batch, Node
 
@@ -84,14 +86,23 @@ class Replica:
         # the replica can then cancel the call where it runs (Ray), so a thread's queue
         # never fills with abandoned work.
         self.interruptible = False
+        # Seconds :meth:`stop` waits for a body still running (the engine's ``grace``);
+        # :attr:`stuck` says it was still running then.
+        self.grace = math.inf
+        self.stuck = False
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` where this replica runs and return the result."""
         raise NotImplementedError
 
     async def start(self) -> None:
-        """Build the body in place (constructor and ``setup()``); raises what they raise."""
-        self.body = await self._run(build_body, self.node, self.owns_setup)
+        """Build the body in place (constructor and ``setup()``); raises what they raise.
+
+        Cancelling start-up lets a ``setup()`` already running finish first, so that its
+        ``teardown()`` runs when the replica stops."""
+        with anyio.CancelScope(shield=True):
+            self.body = await self._run(build_body, self.node, self.owns_setup)
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def stop(self) -> None:
         """Run ``teardown()`` where the body lives; never raises."""

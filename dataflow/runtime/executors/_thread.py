@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -49,21 +50,33 @@ class ThreadReplica(Replica):
         self.intra_op_threads = intra_op_threads
         self._queue: queue.SimpleQueue[ThreadCall | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # At most one call is submitted to the thread at a time: a call abandoned by its
+        # request keeps the thread busy until it returns, and later calls wait here, on
+        # the loop, where their own request's end can still stop them.
+        self._busy = False
+        self._idle: deque[Any] = deque()
+        self._thread_error: BaseException | None = None
 
     async def start(self) -> None:
-        self._thread = threading.Thread(
+        thread = threading.Thread(
             target=self._main, name=f"dataflow:{self.node.name}:{self.index}", daemon=True
         )
-        self._thread.start()
+        thread.start()  # raises if the thread cannot start: nothing to stop then
+        self._thread = thread
         await super().start()
 
     def _main(self) -> None:
-        self.thread_init()
+        try:
+            self.thread_init()
+        except BaseException as exc:  # every call fails with it, start-up first
+            self._thread_error = exc
         get = self._queue.get
         while True:
             call = get()
             if call is None:
                 return
+            if self._thread_error is not None and not call.cancelled:
+                call.fn, call.args = _raise, (self._thread_error,)
             call.run()
 
     def thread_init(self) -> None:
@@ -74,8 +87,27 @@ class ThreadReplica(Replica):
 
             torch.set_num_threads(self.intra_op_threads)
 
+    @property
+    def busy(self) -> bool:
+        """A call is in the thread (possibly one whose request already ended)."""
+        return self._busy
+
+    def _done(self) -> None:
+        self._busy = False
+        if self._idle:
+            self.backend.wake(self._idle)
+
+    async def _submit(
+        self, call: ThreadCall, abandon: Callable[[Callable[[], None]], None] | None = None
+    ) -> Any:
+        while self._busy:
+            await self.backend.park(self._idle)
+        self._busy = True
+        call.on_done = self._done
+        return await self.backend.call_in_thread(self._queue.put, call, abandon)
+
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await self.backend.call_in_thread(self._queue.put, ThreadCall(fn, args))
+        return await self._submit(ThreadCall(fn, args))
 
     async def call_until(
         self, value: Any, kw: dict[str, Any], abandon: Callable[[Callable[[], None]], None]
@@ -83,19 +115,31 @@ class ThreadReplica(Replica):
         """:meth:`call`, but the wait ends with ``Abandoned`` when ``abandon``'s hook
         is called (the thread still finishes the call)."""
         assert self.body is not None
-        call = ThreadCall(_call_kw, (self.body, value, kw))
-        return await self.backend.call_in_thread(self._queue.put, call, abandon)
+        return await self._submit(ThreadCall(_call_kw, (self.body, value, kw)), abandon)
 
     async def stop(self) -> None:
-        """Tear the body down in its thread, let queued calls finish, join the thread."""
+        """Tear the body down in its thread and join it, within :attr:`grace` seconds;
+        a body still running then leaves its (daemon) thread behind and sets
+        :attr:`stuck`."""
         thread = self._thread
         if thread is None:
             return
         self._thread = None
         with anyio.CancelScope(shield=True):
             try:
-                await super().stop()
-                await self._run(lambda: None)  # everything queued before has run
+                with anyio.move_on_after(self.grace) as scope:
+                    await super().stop()
+                    try:
+                        await self._run(lambda: None)  # everything submitted has run
+                    except Exception:  # the thread's own start-up error
+                        pass
+                if scope.cancelled_caught:
+                    self.stuck = True
             finally:
                 self._queue.put(None)
-                thread.join()
+                if not self.stuck:
+                    thread.join()  # it has nothing left to do but return
+
+
+def _raise(error: BaseException) -> None:
+    raise error
