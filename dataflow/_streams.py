@@ -14,6 +14,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from .runtime._request import Request
 
@@ -33,6 +34,7 @@ class Stream:
         self._args = (x, timeout, wait, params)
         self._req: Request | None = None
         self._closed = False
+        self._busy = False  # a task is inside __anext__ (one reader at a time)
 
     @property
     def request_id(self) -> int | None:
@@ -44,14 +46,23 @@ class Stream:
     async def __anext__(self) -> Any:
         if self._closed:
             raise StopAsyncIteration
-        if self._req is None:
-            x, timeout, wait, params = self._args
-            self._req = await self._engine._submit(x, timeout, wait, params, streaming=True)
+        if self._busy:
+            raise RuntimeError(
+                "this Stream is already being read by another task: a Stream is one "
+                "request with one reader; call engine.stream() once per reader"
+            )
+        self._busy = True
         try:
-            ok, value = await self._req.next_output()
-        except BaseException:
-            self._close()
-            raise
+            if self._req is None:
+                x, timeout, wait, params = self._args
+                self._req = await self._engine._submit(x, timeout, wait, params, streaming=True)
+            try:
+                ok, value = await self._req.next_output()
+            except BaseException:
+                self._close()
+                raise
+        finally:
+            self._busy = False
         if not ok:
             self._closed = True
             raise StopAsyncIteration
@@ -108,12 +119,18 @@ class MapStream:
         self._timeout = timeout
         self._return_exceptions = return_exceptions
         self._params = params
+        # In flight: in input order when ordered, else by id (O(1) removal).
         self._pending: deque[Request] = deque()
+        self._unordered: dict[int, Request] = {}
         self._finished: deque[Request] = deque()
-        self._waiters: deque[Any] = deque()
+        self._waiters: deque[Any] = deque()  # the consumer, waiting for a result
+        self._room: deque[Any] = deque()  # the async feeder, waiting for window room
         self._exhausted = False
         self._closed = False
         self._since_checkpoint = 0
+        self._feeding = False
+        self._feeder: anyio.CancelScope | None = None
+        self._error: BaseException | None = None
 
     def __aiter__(self) -> MapStream:
         return self
@@ -130,31 +147,105 @@ class MapStream:
         except StopAsyncIteration:
             return False, None
 
+    def _in_flight(self) -> int:
+        return len(self._pending) if self._ordered else len(self._unordered)
+
+    def _add(self, req: Request) -> None:
+        if self._ordered:
+            self._pending.append(req)
+        elif not req.done:
+            self._unordered[req.id] = req
+        # (an unordered request that already ended is in ``_finished``)
+
     def _ready(self) -> Request | None:
         if self._ordered:
             if self._pending and self._pending[0].done:
                 return self._pending.popleft()
             return None
         if self._finished:
-            req = self._finished.popleft()
-            self._pending.remove(req)
-            return req
+            return self._finished.popleft()
         return None
 
     async def __anext__(self) -> Any:
-        engine = self._engine
         if self._closed:
             raise StopAsyncIteration
+        if self._async is not None:
+            return await self._anext_async()
+        return await self._anext_sync()
+
+    async def _anext_async(self) -> Any:
+        """An async source is pulled by a feeder task of its own, so a finished result
+        is yielded at once, even while the source waits (for that very result)."""
+        engine = self._engine
+        backend = engine._backend
+        assert backend is not None
+        try:
+            if not self._feeding:
+                self._feeding = True
+                assert engine._tg is not None
+                engine._tg.start_soon(self._feed)
+            while True:
+                req = self._ready()
+                if req is not None:
+                    if self._room:
+                        backend.wake(self._room)
+                    return self._result(req)
+                if self._error is not None:
+                    raise self._error
+                if self._exhausted and not self._in_flight() and not self._finished:
+                    self._closed = True
+                    raise StopAsyncIteration
+                await backend.park(self._waiters)
+        except BaseException as exc:
+            if not isinstance(exc, StopAsyncIteration):
+                self._cancel_pending()
+            raise
+
+    async def _feed(self) -> None:
+        engine = self._engine
+        backend = engine._backend
+        assert backend is not None
+        submitted = 0
+        try:
+            with anyio.CancelScope() as scope:
+                self._feeder = scope
+                while not self._closed:
+                    while self._in_flight() + len(self._finished) >= self._window:
+                        await backend.park(self._room)
+                    more, x = await self._next_input()
+                    if not more or self._closed:
+                        break
+                    req = await engine._submit(
+                        x, self._timeout, True, self._params, False, self._on_done
+                    )
+                    if self._closed:
+                        req.cancel()
+                        break
+                    self._add(req)
+                    if self._waiters:
+                        backend.wake(self._waiters)
+                    submitted += 1
+                    if submitted % 64 == 0:
+                        # A source and graph that never suspend: stay fair to the loop.
+                        await anyio.lowlevel.checkpoint()
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._exhausted = True
+            if self._waiters:
+                backend.wake(self._waiters)
+
+    async def _anext_sync(self) -> Any:
+        engine = self._engine
         try:
             while True:
                 req = self._ready()
                 if req is not None:
                     return self._result(req)
-                room = self._window - len(self._pending)
+                room = self._window - self._in_flight() - len(self._finished)
                 if not self._exhausted and room > 0:
-                    if self._sync is not None and (
-                        engine.max_in_flight is None
-                        or (engine._admitted < engine.max_in_flight and not engine._admission)
+                    if engine.max_in_flight is None or (
+                        engine._admitted < engine.max_in_flight and not engine._admission
                     ):
                         await self._submit_ready(room)
                         continue
@@ -165,9 +256,9 @@ class MapStream:
                     req = await engine._submit(
                         x, self._timeout, True, self._params, False, self._on_done
                     )
-                    self._pending.append(req)
+                    self._add(req)
                     continue
-                if not self._pending:
+                if not self._in_flight() and not self._finished:
                     self._closed = True
                     raise StopAsyncIteration
                 assert engine._backend is not None
@@ -187,7 +278,8 @@ class MapStream:
         while xs:
             engine = self._engine
             reqs, rest, dest = engine._submit_many(xs, self._timeout, self._params, self._on_done)
-            self._pending.extend(reqs)
+            for req in reqs:
+                self._add(req)
             xs = xs[len(reqs) :]
             if rest:
                 await engine._enter_slowly(rest, dest, reqs[0].deadline)
@@ -195,7 +287,7 @@ class MapStream:
                 req = await self._engine._submit(
                     xs.pop(0), self._timeout, True, self._params, False, self._on_done
                 )
-                self._pending.append(req)
+                self._add(req)
         self._since_checkpoint += room
         if self._since_checkpoint >= 256:
             # A graph that runs entirely inline never suspends: stay fair to the loop.
@@ -204,6 +296,7 @@ class MapStream:
 
     def _on_done(self, req: Request) -> None:
         if not self._ordered:
+            self._unordered.pop(req.id, None)
             self._finished.append(req)
         elif not self._pending or self._pending[0] is not req:
             return  # in order: only the head can be yielded next
@@ -222,9 +315,13 @@ class MapStream:
 
     def _cancel_pending(self) -> None:
         self._closed = True
-        for req in self._pending:
+        if self._feeder is not None:
+            self._feeder.cancel()
+        for req in [*self._pending, *self._unordered.values()]:
             req.cancel()
         self._pending.clear()
+        self._unordered.clear()
+        self._finished.clear()
 
     async def aclose(self) -> None:
         """Stop; requests of this map still running are cancelled."""
@@ -237,6 +334,8 @@ class MapStream:
         self._cancel_pending()
 
     def __del__(self) -> None:
-        if self._pending and threading.get_ident() == self._engine._loop_thread:
-            for req in self._pending:
+        if (self._pending or self._unordered) and threading.get_ident() == (
+            self._engine._loop_thread
+        ):
+            for req in [*self._pending, *self._unordered.values()]:
                 req.cancel()
