@@ -6,6 +6,7 @@ token, and which record every call, so a test can count the steps each sequence 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -453,3 +454,78 @@ async def test_joins_in_one_tick_use_prefill_many_and_fall_back_on_failure() -> 
     assert isinstance(results[13], df.NodeError)
     assert results[12] == reference(plain, [12], temperature=0.0)
     assert results[14] == reference(plain, [14], temperature=0.0)
+
+
+# -- several sequences of one request (issue 10, defect 6) ---------------------------------
+
+
+async def _others_complete(engine: df.Engine, reference_out: list[Any]) -> None:
+    """Five other requests run to the end while a stream nobody reads is open."""
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+
+                async def other(i: int = i) -> None:
+                    assert sorted(await collect(engine, [20 + i])) == reference_out[i]
+
+                tg.start_soon(other)
+
+
+@pytest.mark.parametrize("placement", ["loop", "thread"])
+async def test_shard_into_generate_with_a_stopped_reader_stalls_nobody_else(
+    placement: str,
+) -> None:
+    models: list[Toy] = []
+    gen = toy_node(models, placement=placement, max_new_tokens=60, temperature=0.0)
+    split = df.shard(lambda x: [[x[0]], [x[0] + 1], [x[0] + 2]], name="split")
+    refs = [[t for p in (20 + i, 21 + i, 22 + i) for t in reference(gen, [p])] for i in range(5)]
+    async with df.Engine(df.Graph("g", split >> gen), stream_buffer=4) as engine:
+        slow = engine.stream([1])
+        first = await anext(slow)  # then stop reading
+        await _others_complete(engine, [sorted(r) for r in refs])
+        # Parked as a request: its three sequences together emitted what fits its stream.
+        held = sum(models[0].steps[(p,)] for p in (1, 2, 3))
+        assert held <= 4 + 3
+        rest = [t async for t in slow]
+    assert sorted([first, *rest]) == sorted(t for p in (1, 2, 3) for t in reference(gen, [p]))
+
+
+@pytest.mark.parametrize("placement", ["loop", "thread"])
+async def test_n_sequences_with_a_stopped_reader_stall_nobody_else(placement: str) -> None:
+    models: list[Toy] = []
+    gen = toy_node(models, placement=placement, max_new_tokens=50, temperature=1.0)
+    async with df.Engine(df.Graph("g", gen), stream_buffer=3) as engine:
+        slow = engine.stream([1], n=2, seed=7, details=True)
+        first = await anext(slow)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+
+                    async def other(i: int = i) -> None:
+                        chunks = await collect(engine, [20 + i], n=2, seed=i, details=True)
+                        assert [c.index for c in chunks].count(1) == 50
+                        assert [c.finish_reason for c in chunks].count("length") == 2
+
+                    tg.start_soon(other)
+        assert models[0].steps[(1,)] <= 3 + 2  # both sequences parked, as one request
+        rest = [c async for c in slow]
+    chunks = [first, *rest]
+    for i in (0, 1):
+        ids = [t for c in chunks if c.index == i for t in c.token_ids]
+        assert ids == reference(gen, [1], seed=7 + i)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_32_early_exits_in_a_row_free_their_slots(n: int) -> None:
+    models: list[Toy] = []
+    gen = toy_node(models, max_batch=2, max_new_tokens=1000, max_new_tokens_limit=1000)
+    params: dict[str, Any] = {"n": n, "details": True} if n > 1 else {}
+    async with df.Engine(df.Graph("g", gen), stream_buffer=2) as engine:
+        with anyio.fail_after(30):
+            for i in range(32):
+                async with contextlib.aclosing(engine.stream([i], seed=i, **params)) as stream:
+                    await anext(stream)
+            assert len(await engine.run([99], max_new_tokens=5)) == 5
+        stats = engine.stats()
+    assert stats["requests"]["cancelled"] == 32
+    assert len(models[0].freed) == 32 * n + 1
