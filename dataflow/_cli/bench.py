@@ -184,9 +184,9 @@ def limited_by(
         }
     return None, {
         "what": "clients",
-        "reason": f"{idle}: the client concurrency limited the run: {concurrency} "
-        f"client{'s' if concurrency != 1 else ''}, each waiting for its answer before sending "
-        "the next (raise --concurrency to load the graph)",
+        "reason": f"{idle}: the client concurrency limited the run ({concurrency} "
+        f"client{'s' if concurrency != 1 else ''}, one request in flight each; raise "
+        "--concurrency to load the graph)",
     }
 
 

@@ -198,7 +198,8 @@ def main(args: argparse.Namespace) -> int:
         if not args.quiet and (not streaming or (args.concurrency == 1 and len(inputs) > 1)):
             req = stats["requests"]
             _err(
-                f"[{req['submitted']} requests: {req['succeeded']} ok, {req['failed']} failed, "
+                f"[{req['submitted']} request{'s' if req['submitted'] != 1 else ''}: "
+                f"{req['succeeded']} ok, {req['failed']} failed, "
                 f"{req['cancelled']} cancelled, in {wall:.2f} s]"
             )
         if args.stats:
