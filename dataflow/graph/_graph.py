@@ -117,6 +117,11 @@ class Graph:
                 "df.infer, df.encode, df.shard or df.merge"
             )
         existing = self._nodes.get(node.name)
+        if existing is not None and existing is not node and node.auto_named:
+            # Nodes named after their bodies (two lambdas) get distinct names, in the
+            # order they are added, so a given construction always names them alike.
+            node.name = self._free_name(node.name)
+            existing = None
         if existing is not None:
             what = "added twice" if existing is node else "used by two nodes"
             raise GraphError(
@@ -130,6 +135,12 @@ class Graph:
             self._edges.append((u, node.name))
         self._plan = None
         return node
+
+    def _free_name(self, base: str) -> str:
+        k = 2
+        while f"{base}_{k}" in self._nodes:
+            k += 1
+        return f"{base}_{k}"
 
     def connect(self, src: Node | str, dst: Node | str) -> None:
         """Add an edge between two nodes already in the graph."""

@@ -105,6 +105,7 @@ class Node:
     """
 
     __slots__ = (
+        "auto_named",
         "batch",
         "body",
         "capacity",
@@ -139,6 +140,9 @@ class Node:
         self.kind: Kind = kind
         self.body = body
         self.name: str = name if name is not None else _default_name(body)
+        # Named after its body: a graph gives it a distinct name (``lambda_2``) if
+        # another node already has this one.
+        self.auto_named = name is None
         self.placement = placement
         self.replicas = replicas
         self.capacity = capacity

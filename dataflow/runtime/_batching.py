@@ -26,7 +26,12 @@ from ._request import PENDING, Item
 if TYPE_CHECKING:
     from ._worker import NodeRunner
 
-__all__ = ["collate", "run_batch", "run_batching_worker", "split"]
+__all__ = ["BatchError", "collate", "run_batch", "run_batching_worker", "split"]
+
+
+class BatchError(ValueError):
+    """A batch that cannot be built or split as configured: every item of it fails
+    (bisecting would hide it by running items one at a time)."""
 
 
 def collate(batch: Batch, values: list[Any]) -> Any:
@@ -40,7 +45,20 @@ def collate(batch: Batch, values: list[Any]) -> Any:
 
     if how == "stack":
         if not isinstance(values[0], torch.Tensor):
-            return torch.as_tensor(values)
+            try:
+                return torch.as_tensor(values)
+            except (ValueError, TypeError) as exc:
+                raise BatchError(
+                    f"collate='stack' cannot stack {len(values)} inputs ({exc}); inputs "
+                    "of different lengths need collate='pad' or a collate callable"
+                ) from exc
+        shapes = {tuple(v.shape) for v in values if isinstance(v, torch.Tensor)}
+        if len(shapes) > 1 or not all(isinstance(v, torch.Tensor) for v in values):
+            listed = ", ".join(str(list(shape)) for shape in sorted(shapes)[:4])
+            raise BatchError(
+                f"collate='stack' got inputs of different shapes ({listed}); inputs of "
+                "different lengths need collate='pad' or a collate callable"
+            )
         return torch.stack(values)
     # pad: 1-d (or [L, ...]) tensors padded along dim 0 to the longest
     lengths = torch.tensor([v.shape[0] for v in values], dtype=torch.long)
@@ -57,7 +75,9 @@ def split(batch: Batch, output: Any, n: int) -> list[Any]:
     custom = batch.split
     parts = list(custom(output, n)) if custom is not None else _default_split(output, n)
     if len(parts) != n:
-        raise ValueError(f"batched body returned {len(parts)} outputs for {n} inputs")
+        raise BatchError(
+            f"batched body returned {len(parts)} outputs for {n} inputs (expected {n})"
+        )
     return parts
 
 
@@ -222,19 +242,30 @@ async def _execute(
     values = [it.value for it in items]
     timeout = runner.node.timeout
     start = time.perf_counter()
+    whole = False  # fail the whole batch: bisecting would not help
     try:
         if timeout is None:
             outputs = await replica.call_batch(batch, values, kw)
         else:
-            with anyio.fail_after(timeout):
+            with anyio.move_on_after(timeout) as scope:
                 outputs = await replica.call_batch(batch, values, kw)
+            if scope.cancelled_caught:
+                # A batch that ran out of time fails whole: bisecting would rerun it
+                # slowly. (A TimeoutError the body raises itself is bisected.)
+                whole = True
+                raise TimeoutError(
+                    f"batch of {len(items)} took longer than the node's timeout={timeout}s"
+                )
+        if len(outputs) != len(items):
+            raise BatchError(
+                f"batched body returned {len(outputs)} outputs for {len(items)} inputs"
+            )
     except Exception as exc:
         end = time.perf_counter()
         runner.stats.busy_s[index] += end - start
         if runner.tracer is not None:
             runner.tracer.compute(runner, index, [it.req for it in items], start, end, batch_id)
-        if len(items) == 1 or isinstance(exc, TimeoutError):
-            # A batch that ran out of time fails whole: bisecting would rerun it slowly.
+        if whole or len(items) == 1 or isinstance(exc, BatchError):
             for it in items:
                 runner.fail_pending(it.req, exc)
             return

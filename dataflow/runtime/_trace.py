@@ -41,6 +41,7 @@ TraceOption = Union[bool, str, "os.PathLike[str]", "Tracer", None]
 _NODES_PID = 1
 _REQUESTS_PID = 2
 _CLOSED_KEPT = 4096  # recently ended requests whose late spans are still clamped in
+_READY_KEPT = 64  # per request: items whose channel wait is still to be measured
 
 
 class Tracer:
@@ -138,7 +139,8 @@ class Tracer:
     def request_start(self, req: Request) -> None:
         now = time.perf_counter()
         self._open[req.id] = now
-        self._ready[req.id] = {(): now}
+        if self.record:
+            self._ready[req.id] = {(): now}
         if self.log_hops:
             self._log.debug("request entered", extra={"request_id": req.id, "node": None})
 
@@ -279,7 +281,10 @@ class Tracer:
         """``it`` left ``runner`` (handed to the next channel or the sink) at ``end``."""
         rid = it.req.id
         ready = self._ready.get(rid)
-        if ready is not None:
+        if ready is not None and self.record and len(self.events) < self.max_events:
+            # Bounded per request: a generator's thousandth output forgets the oldest.
+            if len(ready) >= _READY_KEPT and it.tag not in ready:
+                del ready[next(iter(ready))]
             ready[it.tag] = end
         self._req_span(rid, f"emit {runner.name}", start, end, node=runner.name)
         if self.log_hops:
