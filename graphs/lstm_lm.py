@@ -29,7 +29,8 @@ def _cache(path: str, max_batch: int) -> df.StepModel:
 
 
 def build(*, weights: str | Path = WEIGHTS / "lstm_lm.safetensors", **options: Any) -> df.Graph:
-    """The LSTM graph: ``prompt`` (text -> bytes) >> ``lstm_lm`` (generate, text out).
+    """The LSTM graph: ``prompt`` (text or chat messages -> bytes) >> ``lstm_lm``
+    (generate, text out). Chat messages use :func:`graphs._lm_graph.chat_prompt`.
 
     ``options``: see :func:`graphs._lm_graph.lm_graph`. Raises ``GraphError`` if the
     weights file is missing.

@@ -30,7 +30,8 @@ def _cache(path: str, max_batch: int) -> df.StepModel:
 
 
 def build(*, weights: str | Path = WEIGHTS / "tiny_lm.safetensors", **options: Any) -> df.Graph:
-    """The tiny LM graph: ``prompt`` (text -> bytes) >> ``tiny_lm`` (generate, text out).
+    """The tiny LM graph: ``prompt`` (text or chat messages -> bytes) >> ``tiny_lm``
+    (generate, text out). Chat messages use :func:`graphs._lm_graph.chat_prompt`.
 
     ``options``: see :func:`graphs._lm_graph.lm_graph`. Raises ``GraphError`` if the
     weights file is missing.

@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 import dataflow as df
+from dataflow.graph import generation_config
 from graphs import lstm_lm, tiny_lm
 
 pytestmark = pytest.mark.anyio
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.anyio
 GRAPHS = [pytest.param(tiny_lm, id="tiny_lm"), pytest.param(lstm_lm, id="lstm_lm")]
 
 
-async def text(engine: df.Engine, prompt: str | bytes, **params: object) -> str:
+async def text(engine: df.Engine, prompt: object, **params: object) -> str:
     chunks = [c async for c in engine.stream(prompt, **params)]
     assert all(isinstance(c, str) and c for c in chunks)
     return "".join(chunks)
@@ -75,3 +76,26 @@ async def test_bad_input_is_a_clear_error_for_that_request_only(module: ModuleTy
 def test_missing_weights_is_a_graph_error(module: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(df.GraphError, match="train"):
         module.build(weights=tmp_path / "none.safetensors")
+
+
+@pytest.mark.parametrize("module", GRAPHS)
+async def test_chat_messages_work_directly_and_rendered_first(module: ModuleType) -> None:
+    graph = module.build(max_batch=4, threads=1)
+    found = generation_config(graph)
+    assert found is not None
+    name, config = found
+    assert name == graph.plan().sink and config.has_chat_template
+    messages = [{"role": "user", "content": "def main("}]
+    rendered = config.render_chat(messages)
+    assert rendered == "user: def main(\nassistant: "
+    async with df.Engine(graph) as engine:
+        direct = await text(engine, messages, max_new_tokens=24, seed=5)
+        # A server that renders with the generate node's template before the prompt node.
+        assert isinstance(rendered, str)
+        first = await text(engine, rendered, max_new_tokens=24, seed=5)
+        chunks = await engine.run(messages, max_new_tokens=24, seed=5, details=True)
+        with pytest.raises(df.InvalidRequest, match="role"):
+            await engine.run([{"content": "x"}])
+    assert direct == first == "".join(c.text for c in chunks)
+    assert chunks[-1].prompt_tokens == len(rendered.encode())
+    assert chunks[-1].completion_tokens == 24 and chunks[-1].finish_reason == "length"
