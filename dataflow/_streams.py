@@ -209,6 +209,7 @@ class MapStream:
         try:
             with anyio.CancelScope() as scope:
                 self._feeder = scope
+                engine._feeders.add(scope)  # leaving the engine stops the feeding
                 while not self._closed:
                     while self._in_flight() + len(self._finished) >= self._window:
                         await backend.park(self._room)
@@ -231,9 +232,18 @@ class MapStream:
         except Exception as exc:
             self._error = exc
         finally:
+            if self._feeder is not None:
+                engine._feeders.discard(self._feeder)
             self._exhausted = True
             if self._waiters:
                 backend.wake(self._waiters)
+            aclose = getattr(self._async, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await aclose()
+                    except Exception as exc:
+                        self._error = self._error or exc
 
     async def _anext_sync(self) -> Any:
         engine = self._engine

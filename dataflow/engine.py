@@ -136,6 +136,7 @@ class Engine:
         self.tracer: Tracer | None = make_tracer(trace)
         self._hooks: Tracer | None = None  # the tracer, or a hop logger, or None
         self._unsuspended = 0  # run() calls answered without suspending, since the last
+        self._feeders: set[anyio.CancelScope] = set()  # map() tasks pulling async inputs
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -202,6 +203,8 @@ class Engine:
         assert self._tg is not None and self._scheduler is not None
         self._state = EngineState.CLOSING
         cancelling = exc_type is not None or self.shutdown == "cancel"
+        for feeder in list(self._feeders):
+            feeder.cancel()  # no more inputs: what they submitted drains
         try:
             if not cancelling:
                 try:
