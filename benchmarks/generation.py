@@ -13,7 +13,10 @@ produce tokens:
 Prints aggregate tokens/s and the ratios, time to first token (ms and in static decode
 steps) and inter-token latency p50/p99; writes benchmarks/results/generation.json.
 
-    python benchmarks/generation.py [--tokens 128] [--rounds 3] [--threads 1]
+    python benchmarks/generation.py [--tokens 128] [--rounds 3] [--threads 1] [--details]
+
+``--details`` streams ``df.Chunk`` outputs (``details=True``: token ids, counts, finish
+reasons) instead of plain text, to measure what the per-token bookkeeping costs.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def single(tokens: int, temperature: float, requests: int) -> dict[str, float]:
 
 
 async def engine_run(
-    tokens: int, temperature: float, rounds: int, gap_s: float, threads: int
+    tokens: int, temperature: float, rounds: int, gap_s: float, threads: int, details: bool
 ) -> dict[str, Any]:
     graph = tiny_lm.build(max_batch=BATCH, threads=threads)
     rng = random.Random(0)
@@ -107,6 +110,7 @@ async def engine_run(
                 max_new_tokens=tokens,
                 temperature=temperature,
                 seed=c * 100 + r,
+                details=details,
             ):
                 now = time.perf_counter()
                 if last is None:
@@ -114,7 +118,7 @@ async def engine_run(
                 else:
                     gaps.append(now - last)
                 last = now
-                produced += len(chunk.encode())
+                produced += len(chunk.token_ids) if details else len(chunk.encode())
 
     async with df.Engine(graph) as engine:
         await engine.run("warm up", max_new_tokens=4)  # weights loaded, first call done
@@ -150,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="torch threads for every variant (1: the 2 cores are shared with the loop)",
     )
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--details", action="store_true", help="stream df.Chunk outputs (details=True)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     static = static_loop(args.tokens, args.temperature)
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.rounds,
         args.gap_ms / 1000,
         args.threads,
+        args.details,
         backend=args.backend,
     )
     alone = single(args.tokens, args.temperature, 4)
