@@ -213,24 +213,31 @@ def sample(logits: torch.Tensor, rows: Sequence[Decoding]) -> list[int]:
     together in one vectorised call from a shared generator. Rows asking for logprobs get
     ``last_logprob`` set; penalised rows count the token picked.
     """
-    logits = logits.float()
-    wants_lp = [i for i, row in enumerate(rows) if row.logprobs is not None]
-    raw = logits
-    penal = [i for i, row in enumerate(rows) if row.counts is not None]
-    if penal:
-        logits = _penalise(logits, rows, penal)
+    logits = raw = logits.float()
+    hot: list[int] = []
+    extra = False  # any row with logprobs or penalties (the rare, slower path)
+    for i, row in enumerate(rows):
+        if row.temperature > 0:
+            hot.append(i)
+        if row.penalized or row.logprobs is not None:
+            extra = True
+    if extra:
+        penal = [i for i, row in enumerate(rows) if row.counts is not None]
+        if penal:
+            logits = _penalise(logits, rows, penal)
     picked = logits.argmax(dim=-1)
-    hot = [i for i, row in enumerate(rows) if row.temperature > 0]
     if hot:
         _sample_hot(logits, rows, hot, picked)
     tokens: list[int] = picked.tolist()
-    if wants_lp:
-        _logprobs(raw, rows, wants_lp, tokens)
-    for i, row in enumerate(rows):
-        if row.penalized:
-            if row.counts is None:
-                row.counts = torch.zeros(logits.shape[-1])
-            row.counts[tokens[i]] += 1
+    if extra:
+        wants_lp = [i for i, row in enumerate(rows) if row.logprobs is not None]
+        if wants_lp:
+            _logprobs(raw, rows, wants_lp, tokens)
+        for i, row in enumerate(rows):
+            if row.penalized:
+                if row.counts is None:
+                    row.counts = torch.zeros(logits.shape[-1])
+                row.counts[tokens[i]] += 1
     return tokens
 
 
