@@ -4,9 +4,14 @@ A *step model* keeps one decoding state (a KV cache row, an LSTM state) per *slo
 runtime (``dataflow.runtime._generation``) drives it: a new request is prefilled into a
 free slot, then every running sequence advances by one token per ``step`` call, batched;
 a sequence that finishes, fails or is cancelled leaves and its slot is freed. Sampling
-(temperature, top-k, a seeded generator per request), stop sequences, end-of-sequence
-tokens and incremental UTF-8 decoding belong to the runtime, so a model only maps token
-ids to logits.
+(temperature, top-k, top-p, presence/frequency penalties, a seeded generator per
+sequence, logprobs), stop sequences, end-of-sequence tokens, incremental UTF-8 decoding,
+token counts and finish reasons belong to the runtime, and so do chat templates and
+tokenization (``chat_template``, ``encode``), so a model only maps token ids to logits.
+
+Outputs are ``str`` chunks (with a decoder) or token ids, or with the per-request
+parameter ``details=True`` :class:`Chunk` objects carrying token ids, logprobs, counts
+and the finish reason; ``n`` sequences per request need ``details=True``.
 
 ``generate(factory)`` wraps the factory in a node of kind ``infer`` whose body is a
 generator (so the graph streams). The engine runs it with continuous batching; calling
@@ -119,7 +124,9 @@ class StepModel(Protocol):
     # Optional, not part of the protocol's required members: a model may also define
     # ``prefill_many(slots, prompts) -> logits [len(slots), V]``, equal to ``prefill`` per
     # slot but in one batched call. The runtime then prefills all sequences that join in
-    # a tick at once, and falls back to ``prefill`` per slot if it raises.
+    # a tick at once, and falls back to ``prefill`` per slot if it raises. A model may
+    # also have ``max_positions: int`` (its context in tokens): the runtime then refuses
+    # a request whose prompt plus max_new_tokens exceed it (``SamplingParams.fit``).
 
 
 StepModelFactory = Callable[[int], StepModel]
