@@ -110,11 +110,12 @@ class Replica:
         if body is None or not (self.node.info.per_replica or self.owns_setup):
             return
         self.body = None
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._run(_teardown, body)
-            except Exception:  # a failing teardown must not hide the engine's own exit
-                pass
+        # Not shielded here: the runner shields the whole stop, and a ThreadReplica
+        # bounds it by its grace period.
+        try:
+            await self._run(_teardown, body)
+        except Exception:  # a failing teardown must not hide the engine's own exit
+            pass
 
     async def call(self, value: Any, kw: dict[str, Any]) -> Any:
         """The body's result for one input."""
