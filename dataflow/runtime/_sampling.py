@@ -211,9 +211,10 @@ def sample(logits: torch.Tensor, rows: Sequence[Decoding]) -> list[int]:
     operation is per row (or exact), so its token does not depend on the other rows:
     batched sampling equals unbatched sampling. The rows without a seed draw ``E``
     together in one vectorised call from a shared generator. Rows asking for logprobs get
-    ``last_logprob`` set; penalised rows count the token picked.
+    ``last_logprob`` set; penalised rows count the token picked. Logits on another
+    device are sampled on the CPU (where the seeded generators live).
     """
-    logits = raw = logits.float()
+    logits = raw = logits.detach().float().cpu()  # no-ops for CPU logits
     hot: list[int] = []
     extra = False  # any row with logprobs or penalties (the rare, slower path)
     for i, row in enumerate(rows):
