@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # torch is pinned: pip takes the local CPU wheel; an unpinned torch pulls a CUDA build.
 TORCH  := torch==2.13.0
-EXTRAS ?= dev,serve,minilm,metrics,viz,ray
+EXTRAS ?= dev,serve,minilm,metrics,viz,ray,hf
 
 .PHONY: venv install system demo test lint typecheck pytest bench clean
 

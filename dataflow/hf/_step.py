@@ -1,0 +1,199 @@
+"""A step model (``df.StepModel``) over any Hugging Face causal LM, with a per-slot KV cache.
+
+Each slot's cache is kept *compact* — one ``(keys, values)`` pair per layer, each
+``[1, heads, length, head_dim]`` — until the slot runs in a batched ``step``. A step packs
+the slots' caches into one ``DynamicCache`` of ``[batch, heads, longest, head_dim]``
+tensors, left-aligned, with a 2-d attention mask that is 0 on each row's padding and
+per-row ``position_ids`` (each row's own length), then runs one forward for all rows.
+
+While the same slots step together, tick after tick (the steady state of continuous
+batching), the packed cache the model returned is reused as it is: the model appends one
+column per step and the mask grows with it, so nothing is copied. When a slot joins or
+leaves, the rows that stay alive are compacted again (their padding dropped) and the next
+step packs afresh. A freed slot's tensors are released at once.
+
+Prefill runs one forward per prompt (``prefill``) or one right-padded forward for all the
+prompts that joined in a tick (``prefill_many``); right padding keeps every real token's
+attention the same as unbatched, and only each row's real columns are kept.
+
+Model arguments are passed by keyword (``cache=`` per transformers 5; GPT-2's ``forward``
+takes the cache as its second positional parameter). Logits are returned on the CPU as
+float32 ``[n, V]`` for the runtime's sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["HFStepModel"]
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _Packed:
+    """The cache of the slots that stepped last, packed: rows in ``slots`` order."""
+
+    slots: list[int]
+    cache: Any  # a transformers DynamicCache
+    mask: torch.Tensor  # [rows, columns], 1 where a row has a real token
+    lengths: list[int]  # real tokens per row
+
+
+class HFStepModel:
+    """Per-slot decoding state for a ``PreTrainedModel`` (decoder-only, full attention).
+
+    Args:
+        model: the loaded causal LM, in eval mode, on its device and dtype.
+        max_batch: the number of slots.
+        max_positions: the model's context in tokens (None: unknown, not checked).
+    """
+
+    def __init__(self, model: Any, max_batch: int, max_positions: int | None = None) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.max_batch = max_batch
+        if max_positions is not None:
+            self.max_positions = max_positions
+        self._dynamic_cache = DynamicCache
+        self.device = next(model.parameters()).device
+        self._compact: dict[int, KV] = {}
+        self._packed: _Packed | None = None
+
+    # -- the step-model protocol ---------------------------------------------------------
+
+    def prefill(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
+        """Starts ``slot`` from ``prompt``; returns the logits ``[V]`` of the next token."""
+        self._check(slot)
+        self.free(slot)
+        with torch.inference_mode():
+            ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+            out = self.model(
+                input_ids=ids, cache=self._dynamic_cache(), use_cache=True, logits_to_keep=1
+            )
+            self._compact[slot] = _layers(out.cache)
+            logits: torch.Tensor = out.logits[0, -1].float().cpu()
+            return logits
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Starts every slot from its prompt in one right-padded forward; logits ``[n, V]``."""
+        for slot in slots:
+            self._check(slot)
+            self.free(slot)
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        with torch.inference_mode():
+            ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+            mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+            for row, prompt in enumerate(prompts):
+                ids[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+                mask[row, : len(prompt)] = 1
+            positions = torch.arange(longest)[None, :].expand(len(prompts), -1)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                cache=self._dynamic_cache(),
+                use_cache=True,
+            )
+            layers = _layers(out.cache)
+            for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+                self._compact[slot] = [
+                    (k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone())
+                    for k, v in layers
+                ]
+            last = torch.tensor(lengths, device=self.device) - 1
+            rows = torch.arange(len(prompts), device=self.device)
+            logits: torch.Tensor = out.logits[rows, last].float().cpu()
+            return logits
+
+    def step(self, slots: Sequence[int], last_tokens: Sequence[int]) -> torch.Tensor:
+        """Appends ``last_tokens[i]`` to ``slots[i]`` for all rows in one forward."""
+        slots = list(slots)
+        if not slots:
+            return torch.empty(0, 0)
+        packed = self._packed
+        if packed is None or packed.slots != slots:
+            packed = self._pack(slots)
+        with torch.inference_mode():
+            ones = torch.ones(len(slots), 1, dtype=packed.mask.dtype, device=self.device)
+            mask = torch.cat([packed.mask, ones], dim=1)
+            positions = torch.tensor(packed.lengths, device=self.device)[:, None]
+            ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=packed.cache,
+                use_cache=True,
+            )
+            self._packed = _Packed(slots, out.cache, mask, [n + 1 for n in packed.lengths])
+            logits: torch.Tensor = out.logits[:, -1].float().cpu()
+            return logits
+
+    def free(self, slot: int) -> None:
+        """Releases ``slot``'s cache (a no-op for a free slot)."""
+        self._compact.pop(slot, None)
+        if self._packed is not None and slot in self._packed.slots:
+            self._unpack(drop=slot)
+
+    def close(self) -> None:
+        """Drops every cache."""
+        self._compact.clear()
+        self._packed = None
+
+    # -- packing -------------------------------------------------------------------------
+
+    def _check(self, slot: int) -> None:
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} out of range 0..{self.max_batch - 1}")
+
+    def _unpack(self, drop: int | None = None) -> None:
+        """Moves the packed rows back to compact per-slot caches (without ``drop``)."""
+        packed, self._packed = self._packed, None
+        if packed is None:
+            return
+        layers = _layers(packed.cache)
+        for row, slot in enumerate(packed.slots):
+            if slot == drop:
+                continue
+            keep = packed.mask[row].bool()
+            self._compact[slot] = [
+                (k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in layers
+            ]
+
+    def _pack(self, slots: list[int]) -> _Packed:
+        """One packed cache for ``slots``, in that order (rows left-aligned, zero-padded)."""
+        self._unpack()
+        missing = [s for s in slots if s not in self._compact]
+        if missing:
+            raise ValueError(f"step on slot(s) {missing} that were not prefilled")
+        rows = [self._compact[s] for s in slots]
+        lengths = [row[0][0].shape[2] for row in rows]
+        longest = max(lengths)
+        data = []
+        for layer in range(len(rows[0])):
+            k0, v0 = rows[0][layer]
+            keys = k0.new_zeros((len(slots), k0.shape[1], longest, k0.shape[3]))
+            values = v0.new_zeros((len(slots), v0.shape[1], longest, v0.shape[3]))
+            for i, row in enumerate(rows):
+                k, v = row[layer]
+                keys[i, :, : k.shape[2]] = k[0]
+                values[i, :, : v.shape[2]] = v[0]
+            data.append((keys, values))
+        mask = torch.zeros(len(slots), longest, dtype=torch.long, device=self.device)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        for s in slots:  # now held by the packed cache
+            del self._compact[s]
+        return _Packed(slots, self._dynamic_cache(data), mask, lengths)
+
+
+def _layers(cache: Any) -> KV:
+    """A DynamicCache's per-layer ``(keys, values)``."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
