@@ -1,0 +1,132 @@
+"""The Ray actor that serves one replica of a ray-placed node.
+
+Values arrive as top-level arguments, so an ``ObjectRef`` handed on by the previous Ray
+node is resolved here, in the actor, by Ray (never in the engine's process). The
+``*_ref`` methods return a small status first and the value as a separate object, so the
+engine learns that a call succeeded without fetching what it produced.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from ...graph import Batch, Node
+from ._base import build_body
+
+__all__ = ["actor_class", "unwrap"]
+
+
+class _NodeActor:
+    """One replica's body inside a Ray worker process.
+
+    Calls run one at a time on the actor's default thread, so thread-local state set up
+    by ``setup()`` stays put. The actor also has a ``control`` concurrency group: that
+    makes Ray treat it as a threaded actor, whose queued calls ``ray.cancel`` drops (a
+    plain actor runs them anyway), and lets ``stop`` overtake a running generator.
+    """
+
+    def __init__(self, node: Node, threads: int | None) -> None:
+        self._node = node
+        self._threads = threads
+        self._body: Any = None
+        self._lock = threading.Lock()
+        # Generators told to stop: running ones see it after their next yield, one that
+        # has not started yet returns before computing anything.
+        self._stopped: set[int] = set()
+
+    def setup(self) -> int:
+        if self._threads is not None:
+            # torch's intra-op thread count is per thread: set it where calls run.
+            import torch
+
+            torch.set_num_threads(self._threads)
+        # Each actor unpickled its own copy of a shared body, so each runs setup().
+        self._body = build_body(self._node, True)
+        return os.getpid()
+
+    # -- calls: the value comes back to the engine ------------------------------------
+    def call(self, kw: dict[str, Any], value: Any) -> Any:
+        return self._body(value, **kw)
+
+    def call_parts(self, kw: dict[str, Any], *parts: Any) -> Any:
+        return self._body(list(parts), **kw)
+
+    def call_batch(self, kw: dict[str, Any], *values: Any) -> Any:
+        from .._batching import run_batch
+
+        batch = self._node.batch
+        assert isinstance(batch, Batch)  # only batched nodes are sent batches
+        return run_batch(self._body, batch, list(values), kw)
+
+    # -- calls: the value stays in Ray (status first, then the value(s)) ---------------
+    def call_ref(self, kw: dict[str, Any], value: Any) -> tuple[None, Any]:
+        return None, self._body(value, **kw)
+
+    def call_parts_ref(self, kw: dict[str, Any], *parts: Any) -> tuple[None, Any]:
+        return None, self._body(list(parts), **kw)
+
+    def call_batch_ref(self, kw: dict[str, Any], *values: Any) -> tuple[Any, ...]:
+        return (None, *self.call_batch(kw, *values))
+
+    # -- generators ----------------------------------------------------------------------
+    def iterate(self, sid: int, kw: dict[str, Any], value: Any) -> Iterator[Any]:
+        with self._lock:
+            # Generators run one at a time in the order they were sent: a stop for an
+            # earlier one (cancelled in the queue, or already over) is stale.
+            self._stopped = {s for s in self._stopped if s >= sid}
+            if sid in self._stopped:  # stopped before it began
+                return
+        gen = self._body(value, **kw)
+        try:
+            for out in gen:
+                yield out
+                if sid in self._stopped:
+                    return
+        finally:
+            gen.close()
+            with self._lock:
+                self._stopped.discard(sid)
+
+    @ray.method(concurrency_group="control")
+    def stop(self, sid: int) -> None:
+        with self._lock:
+            self._stopped.add(sid)
+
+    def teardown(self) -> None:
+        body, self._body = self._body, None
+        target = getattr(body, "__wrapped__", body)
+        teardown = getattr(target, "teardown", None)
+        if callable(teardown):
+            teardown()
+
+
+_ACTOR_CLASS: Any = None
+
+
+def actor_class() -> Any:
+    """The Ray actor class (made once per process, when first needed)."""
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        _ACTOR_CLASS = ray.remote(concurrency_groups={"control": 1})(  # type: ignore[call-overload]
+            _NodeActor
+        )
+    return _ACTOR_CLASS
+
+
+def unwrap(exc: ray.exceptions.RayTaskError) -> BaseException:
+    """The body's own exception, carrying the actor's traceback as a note, so a failing
+    body reads the same under every placement."""
+    cause = exc.cause
+    if not isinstance(cause, Exception) or isinstance(cause, ray.exceptions.RayError):
+        return exc
+    # A "dual" RayTaskError (also an instance of the cause's class) keeps the remote
+    # traceback only in its message.
+    remote = getattr(exc, "traceback_str", None) or str(exc)
+    cause.add_note(f"raised in a Ray actor:\n{remote}")
+    return cause

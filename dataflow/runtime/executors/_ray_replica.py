@@ -1,0 +1,266 @@
+"""The driver side of a ray-placed replica: one Ray actor, replaced when it dies."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import anyio
+import ray
+import ray.exceptions
+
+from ...graph import Batch, Node
+from .._backend import Backend
+from ._base import Replica
+from ._ray_actor import actor_class, unwrap
+from ._ray_options import RayOptions, ensure_ray
+from ._ray_refs import END, RayRef, RayStream, arg, has_refs, value_of
+
+__all__ = ["ActorLost", "RayReplica"]
+
+_TEARDOWN_S = 30.0  # the most ``stop()`` waits for a body's teardown() in its actor
+
+
+class ActorLost(RuntimeError):
+    """The Ray actor serving a replica died (killed, crashed, its node lost).
+
+    Raised for each call that was in flight on it (the runner wraps it in ``NodeError``
+    naming the node) and, once ``max_restarts`` is used up, for every later call.
+    ``__cause__`` is Ray's own error.
+    """
+
+
+def _summary(exc: BaseException) -> str:
+    """Ray's reason, on one line (its messages run to many)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+class RayReplica(Replica):
+    """A replica served by one Ray actor, replaced when it dies.
+
+    Args:
+        node: the node (pickled to the actor with its body).
+        index: which replica this is.
+        backend: the event loop's primitives.
+        options: the node's checked Ray options.
+        threads: torch intra-op threads to set in the actor (``None``: Ray's default,
+            which follows ``num_cpus``).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        index: int,
+        backend: Backend,
+        options: RayOptions,
+        *,
+        threads: int | None,
+    ) -> None:
+        # Every actor holds its own copy of the body, so every one runs setup().
+        super().__init__(node, index, owns_setup=True)
+        self.backend = backend
+        self.options = options
+        self.threads = threads
+        self.in_flight = options.max_in_flight
+        self.interruptible = True
+        # Set by the runner before start() when every consumer of the node is
+        # ray-placed: outputs then stay in Ray and go on as RayRef (see _ray_refs).
+        self.pass_refs = False
+        self._actor: Any = None
+        self._generation = 0  # which actor this is; failures of an older one are old news
+        self._restarts = 0
+        self._lost: BaseException | None = None  # why the last actor died
+        self._spawning = anyio.Lock()
+        self._ids = itertools.count()
+
+    @property
+    def restarts(self) -> int:
+        """How many times this replica replaced a dead actor."""
+        return self._restarts
+
+    @property
+    def actor(self) -> Any:
+        """The live actor handle (``None`` while it is being replaced)."""
+        return self._actor
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the actor and run ``setup()`` in it; raises what ``setup()`` raises,
+        or TimeoutError if the actor is not up within ``start_timeout``."""
+        ensure_ray(self.options.address)
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        opts = self.options
+        actor = (
+            actor_class()
+            .options(
+                **opts.actor_options(),
+                # Restarts are this replica's business, so that in-flight items fail
+                # with a clear error and a replacement runs setup() again.
+                max_restarts=0,
+                max_task_retries=0,
+            )
+            .remote(self.node, self.threads)
+        )
+        self._actor = actor
+        try:
+            with anyio.move_on_after(opts.start_timeout) as waited:
+                await self._value(actor.setup.remote())
+        except BaseException:
+            self._drop_actor()
+            raise
+        if waited.cancelled_caught:
+            self._drop_actor()
+            available = ray.available_resources()  # type: ignore[no-untyped-call]
+            raise TimeoutError(
+                f"node {self.node.name!r}: Ray actor {self.index} did not start within "
+                f"{opts.start_timeout:g} s; the cluster may lack what it asks for "
+                f"({opts.describe()}); available: {available}"
+            )
+
+    async def stop(self) -> None:
+        """Run ``teardown()`` in the actor (bounded wait), then kill it; never raises."""
+        actor = self._actor
+        if actor is None:
+            return
+        self._actor = None
+        self._generation += 1
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_TEARDOWN_S):
+            try:
+                await self._value(actor.teardown.remote())
+            except Exception:  # a failing teardown must not hide the engine's own exit
+                pass
+        _kill(actor)
+
+    def _drop_actor(self) -> None:
+        actor, self._actor = self._actor, None
+        if actor is not None:
+            _kill(actor)
+
+    async def _live(self) -> tuple[Any, int]:
+        """The current actor and its generation, replacing a dead one first."""
+        actor = self._actor
+        if actor is not None:
+            return actor, self._generation
+        async with self._spawning:
+            if self._actor is None:
+                if self._restarts >= self.options.max_restarts:
+                    raise ActorLost(
+                        f"node {self.node.name!r}: Ray actor {self.index} died and its "
+                        f"max_restarts={self.options.max_restarts} are used up"
+                    ) from self._lost
+                self._restarts += 1
+                # A request cancelled meanwhile must not leave a half-started actor.
+                with anyio.CancelScope(shield=True):
+                    await self._spawn()
+            return self._actor, self._generation
+
+    def _died(self, generation: int, exc: BaseException) -> ActorLost:
+        if generation == self._generation and self._actor is not None:
+            self._drop_actor()
+            self._generation += 1
+            self._lost = exc
+        left = self.options.max_restarts - self._restarts
+        then = (
+            "a new actor starts with the next item"
+            if left > 0
+            else "no restarts are left (max_restarts)"
+        )
+        return ActorLost(
+            f"node {self.node.name!r}: Ray actor {self.index} died while serving this "
+            f"item ({type(exc).__name__}: {_summary(exc)}); {then}"
+        )
+
+    # -- calls ---------------------------------------------------------------------------
+    async def _value(self, ref: Any) -> Any:
+        """The value of ``ref``, with the body's own exception if it raised."""
+        try:
+            return await value_of(self.backend, ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc, ray.exceptions.RayActorError):
+                raise
+            raise unwrap(exc) from None
+
+    async def _submit(self, method: str, *args: Any) -> Any:
+        actor, generation = await self._live()
+        try:
+            return await self._value(getattr(actor, method).remote(*args))
+        except ray.exceptions.RayActorError as exc:
+            raise self._died(generation, exc) from exc
+
+    async def _submit_refs(self, method: str, n: int, *args: Any) -> list[Any]:
+        """Call ``method`` with ``n`` outputs left in Ray; returns once it succeeded
+        (its small status fetched, the outputs not)."""
+        actor, generation = await self._live()
+        refs = getattr(actor, method).options(num_returns=n + 1).remote(*args)
+        try:
+            await self._value(refs[0])
+        except ray.exceptions.RayActorError as exc:
+            raise self._died(generation, exc) from exc
+        return list(refs[1:])
+
+    async def call(self, value: Any, kw: dict[str, Any]) -> Any:
+        """The body's result for one input, computed in the actor (a :class:`RayRef`
+        to it when every consumer is ray-placed)."""
+        if type(value) is list and has_refs(value):  # a merge's parts, some in Ray
+            method, args = "call_parts", (kw, *map(arg, value))
+        else:
+            method, args = "call", (kw, arg(value))
+        if self.pass_refs and self.node.kind != "shard":  # a shard's parts are split here
+            (ref,) = await self._submit_refs(method + "_ref", 1, *args)
+            return RayRef(ref, self.node.name)
+        return await self._submit(method, *args)
+
+    async def call_batch(self, batch: Batch, values: list[Any], kw: dict[str, Any]) -> list[Any]:
+        """Collate, call and split in the actor (its copy of the node's ``batch``)."""
+        args = (kw, *map(arg, values))
+        if self.pass_refs:
+            refs = await self._submit_refs("call_batch_ref", len(values), *args)
+            return [RayRef(ref, self.node.name) for ref in refs]
+        out: list[Any] = await self._submit("call_batch", *args)
+        return out
+
+    async def iterate(self, value: Any, kw: dict[str, Any]) -> AsyncGenerator[Any, None]:
+        """The generator's outputs as the actor yields them; closing stops it there."""
+        actor, generation = await self._live()
+        sid = next(self._ids)
+        stream = RayStream(
+            self.backend,
+            actor.iterate.options(
+                num_returns="streaming",
+                _generator_backpressure_num_objects=self.options.max_in_flight,
+            ).remote(sid, kw, arg(value)),
+        )
+        try:
+            while True:
+                try:
+                    ref = await stream.next_ref()
+                    if ref is END:
+                        return
+                    out = await self._value(ref)
+                except ray.exceptions.RayActorError as exc:
+                    stream.finished = True
+                    raise self._died(generation, exc) from exc
+                except Exception:
+                    stream.finished = True  # the body raised: its task is over
+                    raise
+                yield out
+        finally:
+            if not stream.finished:
+                try:
+                    actor.stop.remote(sid)  # it returns after its current yield
+                except Exception:  # the actor is gone
+                    pass
+            # Cancel and delete the stream now: a generator paused by backpressure
+            # resumes (and sees its stop), rather than waiting for the GC to drop it.
+            stream.close()
+
+
+def _kill(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already dead
+        pass
