@@ -8,9 +8,11 @@ per-row ``position_ids`` (each row's own length), then runs one forward for all 
 
 While the same slots step together, tick after tick (the steady state of continuous
 batching), the packed cache the model returned is reused as it is: the model appends one
-column per step and the mask grows with it, so nothing is copied. When a slot joins or
-leaves, the rows that stay alive are compacted again (their padding dropped) and the next
-step packs afresh. A freed slot's tensors are released at once.
+column per step and the mask grows with it. When slots join or leave, the next step
+repacks: the rows that stay move over in one indexed copy per layer (padding columns and
+all), joining rows are copied in from their compact caches, rows that sit this step out
+(parked) are compacted, and freed rows are dropped. Padding is bounded: when the packed
+columns exceed twice the longest row, every row is compacted first.
 
 Prefill runs one forward per prompt (``prefill``) or one right-padded forward for all the
 prompts that joined in a tick (``prefill_many``); right padding keeps every real token's
@@ -24,7 +26,7 @@ float32 ``[n, V]`` for the runtime's sampler.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ class _Packed:
     cache: Any  # a transformers DynamicCache
     mask: torch.Tensor  # [rows, columns], 1 where a row has a real token
     lengths: list[int]  # real tokens per row
+    dead: set[int] = field(default_factory=set)  # slots freed since (rows dropped at repack)
 
 
 class HFStepModel:
@@ -117,10 +120,10 @@ class HFStepModel:
         slots = list(slots)
         if not slots:
             return torch.empty(0, 0)
-        packed = self._packed
-        if packed is None or packed.slots != slots:
-            packed = self._pack(slots)
         with torch.inference_mode():
+            packed = self._packed
+            if packed is None or packed.slots != slots or packed.dead:
+                packed = self._pack(slots)
             ones = torch.ones(len(slots), 1, dtype=packed.mask.dtype, device=self.device)
             mask = torch.cat([packed.mask, ones], dim=1)
             positions = torch.tensor(packed.lengths, device=self.device)[:, None]
@@ -140,7 +143,7 @@ class HFStepModel:
         """Releases ``slot``'s cache (a no-op for a free slot)."""
         self._compact.pop(slot, None)
         if self._packed is not None and slot in self._packed.slots:
-            self._unpack(drop=slot)
+            self._packed.dead.add(slot)  # its row is dropped when the batch is next packed
 
     def close(self) -> None:
         """Drops every cache."""
@@ -153,44 +156,77 @@ class HFStepModel:
         if not 0 <= slot < self.max_batch:
             raise ValueError(f"slot {slot} out of range 0..{self.max_batch - 1}")
 
-    def _unpack(self, drop: int | None = None) -> None:
-        """Moves the packed rows back to compact per-slot caches (without ``drop``)."""
-        packed, self._packed = self._packed, None
-        if packed is None:
-            return
-        layers = _layers(packed.cache)
-        for row, slot in enumerate(packed.slots):
-            if slot == drop:
-                continue
-            keep = packed.mask[row].bool()
-            self._compact[slot] = [
-                (k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in layers
-            ]
+    def _extract(self, packed: _Packed, row: int) -> KV:
+        """One packed row as a compact cache (its padding columns dropped)."""
+        keep = packed.mask[row].bool()
+        return [
+            (k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in _layers(packed.cache)
+        ]
 
     def _pack(self, slots: list[int]) -> _Packed:
-        """One packed cache for ``slots``, in that order (rows left-aligned, zero-padded)."""
-        self._unpack()
-        missing = [s for s in slots if s not in self._compact]
+        """One packed cache for ``slots``, in that order.
+
+        Rows already in the previous packed cache move over in one indexed copy per layer
+        (their padding columns kept); the others come from their compact caches, left-
+        aligned and zero-padded. Rows of the previous batch that do not step now are
+        compacted and kept; freed ones are dropped. When padding would exceed the real
+        tokens, every row is compacted first.
+        """
+        packed, self._packed = self._packed, None
+        wanted = set(slots)
+        carried: dict[int, int] = {}  # slot -> row in the previous packed cache
+        if packed is not None:
+            for row, slot in enumerate(packed.slots):
+                if slot in packed.dead:
+                    continue
+                if slot in wanted:
+                    carried[slot] = row
+                else:
+                    self._compact[slot] = self._extract(packed, row)
+        missing = [s for s in slots if s not in carried and s not in self._compact]
         if missing:
             raise ValueError(f"step on slot(s) {missing} that were not prefilled")
-        rows = [self._compact[s] for s in slots]
-        lengths = [row[0][0].shape[2] for row in rows]
-        longest = max(lengths)
+        old_lengths = packed.lengths if packed is not None else []
+        lengths = [
+            old_lengths[carried[s]] if s in carried else self._compact[s][0][0].shape[2]
+            for s in slots
+        ]
+        old_columns = packed.mask.shape[1] if packed is not None and carried else 0
+        fresh = [self._compact[s][0][0].shape[2] for s in slots if s not in carried]
+        columns = max([old_columns, *fresh])
+        if packed is not None and carried and columns > 2 * max(lengths) + 16:
+            for slot, row in carried.items():  # too much padding: compact everything
+                self._compact[slot] = self._extract(packed, row)
+            carried, columns = {}, max(lengths)
+        dst = torch.tensor([i for i, s in enumerate(slots) if s in carried], device=self.device)
+        src = torch.tensor([carried[s] for s in slots if s in carried], device=self.device)
+        old_layers = _layers(packed.cache) if packed is not None and carried else []
+        n_layers = len(old_layers) or len(self._compact[slots[0]])
         data = []
-        for layer in range(len(rows[0])):
-            k0, v0 = rows[0][layer]
-            keys = k0.new_zeros((len(slots), k0.shape[1], longest, k0.shape[3]))
-            values = v0.new_zeros((len(slots), v0.shape[1], longest, v0.shape[3]))
-            for i, row in enumerate(rows):
-                k, v = row[layer]
-                keys[i, :, : k.shape[2]] = k[0]
-                values[i, :, : v.shape[2]] = v[0]
+        for layer in range(n_layers):
+            if old_layers:
+                k0, v0 = old_layers[layer]
+            else:
+                k0, v0 = self._compact[slots[0]][layer]
+            keys = k0.new_zeros((len(slots), k0.shape[1], columns, k0.shape[3]))
+            values = v0.new_zeros((len(slots), v0.shape[1], columns, v0.shape[3]))
+            if old_layers:
+                keys[dst, :, :old_columns] = k0[src]
+                values[dst, :, :old_columns] = v0[src]
+            for i, slot in enumerate(slots):
+                if slot not in carried:
+                    k, v = self._compact[slot][layer]
+                    keys[i, :, : k.shape[2]] = k[0]
+                    values[i, :, : v.shape[2]] = v[0]
             data.append((keys, values))
-        mask = torch.zeros(len(slots), longest, dtype=torch.long, device=self.device)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1
-        for s in slots:  # now held by the packed cache
-            del self._compact[s]
+        mask = torch.zeros(len(slots), columns, dtype=torch.long, device=self.device)
+        if carried:
+            assert packed is not None
+            mask[dst, :old_columns] = packed.mask[src]
+        for i, slot in enumerate(slots):
+            if slot not in carried:
+                mask[i, : lengths[i]] = 1
+                del self._compact[slot]  # now held by the packed cache
         return _Packed(slots, self._dynamic_cache(data), mask, lengths)
 
 
