@@ -23,7 +23,8 @@ so they share one count of outputs emitted and one ``on_consume`` hook (a ``_Gro
 once the stream holds ``stream_buffer`` outputs its reader has not taken, each of them
 sits out the ticks (an output computed in the same tick is held, not emitted) until the
 reader catches up. Emitting into the exit never waits on a reader, so the batch, and the
-other requests on the node, never stall.
+other requests on the node, never stall. When sequences wait for a slot, parked ones give
+theirs up (``_Worker._evict``) and later rejoin with one prefill of prompt + tokens so far.
 """
 
 from __future__ import annotations
@@ -162,13 +163,16 @@ class _Seq:
     __slots__ = (
         "decoding",
         "details",
+        "evicted",
         "finished",
         "group",
+        "history",
         "last",
         "origin",
         "parked",
         "pending",
         "req",
+        "resume",
         "slot",
         "worker",
     )
@@ -185,8 +189,14 @@ class _Seq:
         self.details = origin.params.details
         self.last = 0
         self.parked = False  # sits out the ticks until its reader makes room
+        self.evicted = False  # parked and gave up its slot to a waiting sequence
         self.finished = False  # done, its slot freed; still holding outputs
         self.pending: list[Item] = []  # outputs waiting for room in the stream
+        self.history: list[int] = []  # tokens sampled so far (to rebuild an evicted slot)
+        self.resume: list[int] | None = None  # prefill ids when rejoining after eviction
+
+    def prefill_ids(self) -> list[int]:
+        return self.resume if self.resume is not None else self.origin.ids  # type: ignore[return-value]
 
 
 _TickResult = tuple[list[BaseException | None], BaseException | None, list[int]]
@@ -232,7 +242,7 @@ def _tick(
         for k in good:
             seq = joins[k]
             try:
-                mats.append(_row(model.prefill(seq.slot, seq.origin.ids)))  # type: ignore[arg-type]
+                mats.append(_row(model.prefill(seq.slot, seq.prefill_ids())))
             except Exception as exc:
                 join_errors[k] = exc
                 continue
@@ -260,7 +270,7 @@ def _prefill_many(model: StepModel, joins: list[_Seq]) -> torch.Tensor | None:
     if prefill_many is None or len(joins) < 2:
         return None
     try:
-        prompts = [s.origin.ids for s in joins]
+        prompts = [s.prefill_ids() for s in joins]
         return _matrix(prefill_many([s.slot for s in joins], prompts), len(joins))
     except Exception:
         return None
@@ -286,9 +296,11 @@ class _Worker:
         self.free_slots = list(range(config.max_batch - 1, -1, -1))  # pop() = lowest
         self.running: dict[int, _Seq] = {}  # slot -> sequence (stepping or parked)
         self.joining: deque[tuple[_Origin, int]] = deque()  # sequences waiting for a slot
+        self.rejoining: deque[_Seq] = deque()  # evicted sequences whose reader caught up
         self.waiting: set[_Seq] = set()  # parked or holding outputs (see _Group)
         self.to_free: list[int] = []  # slots to free at the start of the next tick
         self.closed = False  # the input ended
+        self.evictions = 0  # parked sequences that gave their slot up
         self._waiters: deque[Any] = deque()  # the stepper, when idle
         self._admit_waiters: deque[Any] = deque()  # the admitter, when full
 
@@ -297,7 +309,9 @@ class _Worker:
             self.backend.wake(self._waiters)
 
     def _room(self) -> int:
-        return self.max_batch - len(self.running) - len(self.joining)
+        """Sequences the admitter may queue: parked ones count as free (see _evict)."""
+        held = sum(1 for s in self.running.values() if not s.parked)
+        return self.max_batch - held - len(self.joining) - len(self.rejoining)
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -399,10 +413,42 @@ class _Worker:
                 elif group.room() > 0:
                     seq.parked = False
                     self._unwait(seq)
+                    if seq.evicted:
+                        self.rejoining.append(seq)  # to be prefilled again, before new ones
+
+    def _evict(self) -> None:
+        """Slots for waiting sequences: parked ones give theirs up.
+
+        A reader that stopped must not keep other requests out of a full batch. An
+        evicted sequence keeps its decoding state and tokens; when its reader catches up
+        it rejoins with one prefill of its prompt and tokens so far, which rebuilds its
+        model state (recompute preemption), and goes on where it was.
+        """
+        wanted = len(self.joining) + len(self.rejoining) - len(self.free_slots)
+        for seq in [s for s in self.running.values() if s.parked][:wanted]:
+            if seq.req.state != PENDING:
+                continue  # reaped before the next tick anyway
+            del self.running[seq.slot]
+            self.to_free.append(seq.slot)
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+            seq.evicted = True
+            self.evictions += 1
 
     def _take_joins(self) -> list[_Seq]:
         joins: list[_Seq] = []
         stats = self.runner.stats
+        if len(self.free_slots) < len(self.joining) + len(self.rejoining):
+            self._evict()
+        while self.rejoining and self.free_slots:
+            seq = self.rejoining.popleft()
+            if seq.req.state != PENDING:
+                continue
+            seq.slot = self.free_slots.pop()
+            seq.evicted = False
+            seq.resume = [*seq.prefill_ids(), *seq.history]
+            self.running[seq.slot] = seq
+            joins.append(seq)
         while self.joining and self.free_slots:
             origin, index = self.joining.popleft()
             req = origin.req
@@ -433,7 +479,9 @@ class _Worker:
                 if self.to_free:
                     await self._run_tick([], [])
                     continue
-                if self.closed and not self.running and not self.joining and not self.waiting:
+                if self.closed and not (
+                    self.running or self.joining or self.waiting or self.rejoining
+                ):
                     return
                 await self.backend.park(self._waiters)
                 continue
@@ -485,6 +533,8 @@ class _Worker:
                 self._fail(seq, step_error)
         else:
             rows.extend(active)
+        for seq in joins:
+            seq.resume = None
         for seq, token in zip(rows, tokens, strict=True):
             await self._deliver(seq, token)
 
@@ -506,6 +556,7 @@ class _Worker:
             self._fail(seq, exc)
             return
         seq.last = token
+        seq.history.append(token)
         group = seq.group
         if out is not None:
             req.outstanding += 1
@@ -531,6 +582,8 @@ class _Worker:
         elif group is not None and (seq.pending or group.room() <= 0):
             seq.parked = True
             self._wait(seq)
+            if self._admit_waiters:
+                self.backend.wake(self._admit_waiters)  # its slot can be taken now
 
 
 async def run_generation_worker(runner: NodeRunner, index: int) -> None:

@@ -99,3 +99,20 @@ async def test_chat_messages_work_directly_and_rendered_first(module: ModuleType
     assert direct == first == "".join(c.text for c in chunks)
     assert chunks[-1].prompt_tokens == len(rendered.encode())
     assert chunks[-1].completion_tokens == 24 and chunks[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("module", GRAPHS)
+async def test_stalled_readers_give_their_slots_to_others(module: ModuleType) -> None:
+    graph = module.build(max_batch=2, threads=1)
+    async with df.Engine(graph, stream_buffer=2) as engine:
+        stalled = [
+            engine.stream(p, max_new_tokens=40, seed=1, details=True) for p in ("def ", "import ")
+        ]
+        for s in stalled:
+            await anext(s)
+        with anyio.fail_after(30):
+            other = await text(engine, "class ", max_new_tokens=20, temperature=0)
+        ends = [[c async for c in s][-1] for s in stalled]
+    assert len(other.encode()) == 20
+    # Rebuilt from prompt + tokens by one prefill, each went on to its full length.
+    assert [(c.completion_tokens, c.finish_reason) for c in ends] == [(40, "length")] * 2

@@ -531,3 +531,76 @@ async def test_32_early_exits_in_a_row_free_their_slots(n: int) -> None:
         stats = engine.stats()
     assert stats["requests"]["cancelled"] == 32
     assert len(models[0].freed) == 32 * n + 1
+
+
+async def test_stopped_readers_holding_every_slot_give_them_up() -> None:
+    models: list[Toy] = []
+    gen = toy_node(models, max_batch=2, max_new_tokens=30, temperature=1.0)
+    async with df.Engine(df.Graph("g", gen), stream_buffer=2) as engine:
+        stalled = [engine.stream([i], seed=i) for i in (1, 2)]
+        firsts = [await anext(s) for s in stalled]  # both parked, holding both slots
+        with anyio.fail_after(10):
+            others = [await engine.run([i], seed=i) for i in (3, 4, 5)]
+        rests = [[t async for t in s] for s in stalled]
+    assert others == [reference(gen, [i], seed=i) for i in (3, 4, 5)]
+    # Evicted, then rebuilt by one prefill of prompt + tokens: the same text as unbatched.
+    for i, first, rest in zip((1, 2), firsts, rests, strict=True):
+        assert [first, *rest] == reference(gen, [i], seed=i)
+    assert any(len(key) > 1 for key in models[0].freed)  # a slot rebuilt from its history
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_random_mix_of_readers_all_end_right_and_free_every_slot(seed: int) -> None:
+    """Streams and runs with n = 1..3, readers that stall until the others end or leave
+    early, on a small batch and a small stream buffer: the others never wait for the
+    stalled ones, every finished sequence equals its unbatched reference, and at the end
+    no slot is held."""
+    import random
+
+    rng = random.Random(seed)
+    models: list[Toy] = []
+    gen = toy_node(models, max_batch=3, max_new_tokens=12, temperature=1.0)
+    plan = [(rng.randint(1, 3), rng.choice(["run", "stream", "stall", "leave"])) for _ in range(12)]
+    results: dict[int, list[Any]] = {}
+    movers = sum(kind != "stall" for _, kind in plan)
+    resume = anyio.Event()
+
+    async def one(i: int, n: int, kind: str) -> None:
+        nonlocal movers
+        params: dict[str, Any] = {"seed": i, "n": n, "details": True}
+        got: list[Any] = []
+        if kind == "run":
+            got = await engine.run([i], **params)
+        else:
+            async with contextlib.aclosing(engine.stream([i], **params)) as stream:
+                async for chunk in stream:
+                    got.append(chunk)
+                    if kind == "stall" and len(got) == 1:
+                        await resume.wait()  # stops reading until the others have ended
+                    if kind == "leave" and len(got) == 3:
+                        break
+        if kind != "leave":
+            results[i] = got
+        if kind != "stall":
+            movers -= 1
+            if movers == 0:
+                resume.set()
+
+    async with df.Engine(df.Graph("g", gen), stream_buffer=2) as engine:
+        if movers == 0:
+            resume.set()
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i, (n, kind) in enumerate(plan):
+                    tg.start_soon(one, i, n, kind)
+        stats = engine.stats()
+    assert stats["requests"]["in_flight"] == 0
+    for i, chunks in results.items():
+        n = plan[i][0]
+        assert {c.index for c in chunks} == set(range(n)), (seed, i)
+        for index in range(n):
+            ids = [t for c in chunks if c.index == index for t in c.token_ids]
+            assert ids == reference(gen, [i], seed=i + index), (seed, i, index)
+            ends = [c.finish_reason for c in chunks if c.index == index]
+            assert ends[-1] == "length" and ends.count("length") == 1
+    assert models[0].key == {}  # every slot freed
