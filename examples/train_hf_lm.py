@@ -64,11 +64,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-files", type=int, default=None, help="for quick trials")
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument(
+        "--evaluate",
+        metavar="DIR",
+        default=None,
+        help="only measure the checkpoint in DIR on the whole held-out split (no training)",
+    )
     return parser.parse_args(argv)
 
 
-def corpus_files(max_files: int | None) -> tuple[list[str], list[str], str]:
-    """Reads the stdlib split by file: (train texts, held-out texts, description)."""
+def corpus_files(
+    max_files: int | None, names: list[str] | None = None
+) -> tuple[list[str], list[str], str]:
+    """Reads the stdlib split by file: (train texts, held-out texts, description); the
+    held-out files' relative paths are appended to ``names`` when given."""
     corpus = load_corpus(max_files=max_files)
     root = Path(corpus.root)
     files = stdlib_files(root)[:max_files] if max_files else stdlib_files(root)
@@ -77,7 +86,40 @@ def corpus_files(max_files: int | None) -> tuple[list[str], list[str], str]:
     for rel in files:
         text = (root / rel).read_text("utf-8", errors="replace")
         (val if is_validation_file(rel) else train).append(text)
+        if names is not None and is_validation_file(rel):
+            names.append(rel.as_posix())
     return train, val, corpus.describe()
+
+
+def evaluate_checkpoint(path: str, context: int, threads: int) -> dict[str, Any]:
+    """Held-out bits/byte of a saved checkpoint over the *whole* held-out split, as the byte
+    models are measured: non-overlapping windows, each token predicted from 0..context-1
+    tokens of its window; also code files only and ``pydoc_data/topics.py`` only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, local_files_only=True
+    )
+    model.eval()
+    names: list[str] = []
+    _, val_texts, _ = corpus_files(None, names)
+    nbytes = torch.tensor([len(b) for b in token_bytes_table(tok)], dtype=torch.long)
+    span = context + 1
+    parts = {
+        "all": val_texts,
+        "code": [t for t, n in zip(val_texts, names, strict=True) if n != "pydoc_data/topics.py"],
+        "topics": [t for t, n in zip(val_texts, names, strict=True) if n == "pydoc_data/topics.py"],
+    }
+    out: dict[str, Any] = {"held_out_files": len(names)}
+    for label, texts in parts.items():
+        stream = encode_stream(tok, texts)
+        count = stream.numel() // span
+        result = evaluate(model, stream[: count * span].view(count, span), nbytes)
+        out[label] = {k: round(v, 4) for k, v in result.items()} | {"windows": count}
+        print(label, json.dumps(out[label]), flush=True)
+    return out
 
 
 def chat_examples(texts: list[str], rng: random.Random) -> list[str]:
@@ -162,6 +204,8 @@ def evaluate(model: Any, data: torch.Tensor, nbytes: torch.Tensor) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Trains and saves the checkpoint; returns the summary written to ``training.json``."""
     args = parse_args(argv)
+    if args.evaluate is not None:
+        return evaluate_checkpoint(args.evaluate, args.context, args.threads)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

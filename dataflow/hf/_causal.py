@@ -16,7 +16,7 @@ from ._load import check_checkpoint, load_model, load_tokenizer, resolve_dtype
 from ._step import HFStepModel
 from ._tokens import token_bytes_table
 
-__all__ = ["causal_lm", "chat_renderer", "eos_ids", "max_positions_of"]
+__all__ = ["causal_lm", "chat_renderer", "check_attention", "eos_ids", "max_positions_of"]
 
 
 def _wants_cuda(placement: str) -> bool:
@@ -70,6 +70,26 @@ def chat_renderer(
         return [int(t) for t in ids]
 
     return render
+
+
+def check_attention(where: str, config: Any) -> None:
+    """Refuses models whose cache is not one full-attention KV per layer.
+
+    Raises:
+        GraphError: sliding-window or hybrid layers (their masks count cache columns, which
+            the packed cache's padding would shift).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None) or ()
+    other = sorted({str(t) for t in types if t != "full_attention"})
+    sliding = getattr(text, "sliding_window", None)
+    if not other and sliding and getattr(text, "use_sliding_window", True):
+        other = [f"sliding_window={sliding}"]
+    if other:
+        raise GraphError(
+            f"{where}: {getattr(text, 'model_type', 'this model')} has {', '.join(other)} "
+            "layers; causal_lm serves full-attention decoder models only"
+        )
 
 
 def _default_name(source: Any) -> str:
@@ -170,6 +190,7 @@ def causal_lm(
         renderer: Any = chat_renderer(tokenizer, chat_template) if template else None
     else:
         renderer = chat_template
+    check_attention(where, config)
     vocab = int(getattr(config.get_text_config(), "vocab_size", 0) or 0)
     table = token_bytes_table(tokenizer, vocab)
     context = max_positions_of(config)

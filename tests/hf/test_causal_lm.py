@@ -195,3 +195,16 @@ def test_missing_files_are_named(tmp_path: Path, checkpoint: Path) -> None:
         hf.causal_lm(tmp_path / "empty")
     with pytest.raises(df.GraphError, match="dtype"):
         hf.causal_lm(checkpoint, dtype="float8")
+
+
+def test_sliding_window_models_are_refused() -> None:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from dataflow.hf._causal import check_attention
+
+    check_attention("x", LlamaConfig())
+    check_attention("x", Qwen2Config(use_sliding_window=False))
+    with pytest.raises(df.GraphError, match="sliding"):
+        check_attention("x", MistralConfig(sliding_window=4096))
+    with pytest.raises(df.GraphError, match="sliding"):
+        check_attention("x", Qwen2Config(use_sliding_window=True, max_window_layers=1))
