@@ -28,15 +28,28 @@ pytestmark = pytest.mark.anyio
 FREE = {"num_cpus": 0}  # test actors reserve no CPU: several engines' actors fit at once
 
 
+HEAD = {"head": 0.001}  # pins an actor to the head node (multi-node tests add others)
+_SESSION: dict[str, Any] = {}  # the cluster, shared by every test_ray*.py module
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray instance for the whole session (starting one costs seconds)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
+def ray_cluster() -> Iterator[Any]:
+    """One simulated Ray cluster for the whole session (starting one costs seconds): a
+    head node with 2 CPUs and a ``head`` resource; multi-node tests add nodes to it."""
+    from ray.cluster_utils import Cluster
+
+    if "cluster" not in _SESSION and not ray.is_initialized():
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
+        )
+        ray.init(address=cluster.address, log_to_driver=False)
+        _SESSION["cluster"] = cluster
+    yield _SESSION.get("cluster")
+    cluster = _SESSION.pop("cluster", None)
+    if cluster is not None:
         ray.shutdown()
+        cluster.shutdown()
 
 
 class Probe:
@@ -69,8 +82,8 @@ class Probe:
 
 
 @pytest.fixture
-async def probe(ray_cluster: None) -> AsyncIterator[Any]:
-    handle = ray.remote(num_cpus=0)(Probe).remote()
+async def probe(ray_cluster: Any) -> AsyncIterator[Any]:
+    handle = ray.remote(num_cpus=0, resources=HEAD)(Probe).remote()
     yield handle
     ray.kill(handle)
 
@@ -141,7 +154,7 @@ async def outcomes(graph: df.Graph, inputs: list[int]) -> list[Any]:
     return results
 
 
-async def test_ray_gives_the_same_results_as_thread_placement(ray_cluster: None) -> None:
+async def test_ray_gives_the_same_results_as_thread_placement(ray_cluster: Any) -> None:
     inputs = [3, -1, 0, 7, 12, -5, 2, 9]
     expected = await outcomes(build("thread"), inputs)
     assert await outcomes(build("ray"), inputs) == expected
@@ -149,7 +162,7 @@ async def test_ray_gives_the_same_results_as_thread_placement(ray_cluster: None)
     assert expected[1] == ("offset", "ValueError", "negative input -1")
 
 
-async def test_a_generator_gives_the_same_stream_as_thread_placement(ray_cluster: None) -> None:
+async def test_a_generator_gives_the_same_stream_as_thread_placement(ray_cluster: Any) -> None:
     async def tokens(placement: str) -> list[int]:
         node = df.map(count_to, placement=placement, options=FREE if placement == "ray" else {})
         async with df.Engine(df.Graph("gen", node)) as engine:
@@ -312,7 +325,7 @@ async def test_teardown_runs_in_each_actor_at_stop(probe: Any) -> None:
     assert await get(probe.count.remote("teardown")) == 2
 
 
-async def test_a_failing_setup_fails_engine_start(ray_cluster: None) -> None:
+async def test_a_failing_setup_fails_engine_start(ray_cluster: Any) -> None:
     class Broken:
         def setup(self) -> None:
             raise OSError("weights not found")
@@ -327,7 +340,7 @@ async def test_a_failing_setup_fails_engine_start(ray_cluster: None) -> None:
     assert isinstance(info.value.__cause__, OSError)
 
 
-async def test_an_actor_the_cluster_cannot_place_fails_start_clearly(ray_cluster: None) -> None:
+async def test_an_actor_the_cluster_cannot_place_fails_start_clearly(ray_cluster: Any) -> None:
     opts = {**FREE, "resources": {"no_such_accelerator": 1}, "start_timeout": 0.5}
     graph = df.Graph("unplaceable", df.infer(offset, name="big", placement="ray", options=opts))
     with anyio.fail_after(30), pytest.raises(df.NodeError, match=r"did not start within 0\.5 s"):

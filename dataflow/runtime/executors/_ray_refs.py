@@ -59,9 +59,14 @@ def has_refs(values: list[Any]) -> bool:
 
 def cancel(ref: Any) -> None:
     """Cancel the Ray task behind ``ref`` (a queued actor call is dropped); quiet if it
-    has finished or its actor is gone."""
+    has finished or its actor is gone.
+
+    Not recursive: Ray would also cancel the tasks the body started, so a generator's
+    ``finally`` (or a call still running) would see its own Ray calls fail with
+    ``TaskCancelledError`` -- the race behind issue 16, where leaving a stream lost the
+    cleanup the generator was doing when the cancel arrived."""
     try:
-        ray.cancel(ref)
+        ray.cancel(ref, recursive=False)
     except Exception:  # already finished, or the actor is gone
         pass
 

@@ -1,0 +1,188 @@
+"""Ray placement: ObjectRefs handed actor to actor, and leaving streams early (issue 16).
+
+Shares the session's Ray cluster and the :class:`Probe` with test_ray.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import dataflow as df
+
+ray = pytest.importorskip("ray", reason="Ray placement needs the ray extra")
+from tests.runtime import test_ray as base  # noqa: E402  (needs ray)
+from tests.runtime.test_ray import FREE, get  # noqa: E402
+
+ray_cluster = base.ray_cluster  # the session's cluster (fixture)
+probe = base.probe  # fixture
+
+pytestmark = pytest.mark.anyio
+
+
+# -- values stay in Ray between Ray nodes -----------------------------------------------
+async def test_a_value_between_ray_nodes_is_not_fetched_by_the_engine(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    driver = os.getpid()
+    # Deserialisations in this process, one line each (the class travels by value, so a
+    # file is what its copies share).
+    log = str(tmp_path / "loads")
+
+    class Counted:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __getstate__(self) -> dict[str, int]:
+            return {"n": self.n}
+
+        def __setstate__(self, state: dict[str, int]) -> None:
+            if os.getpid() == driver:
+                with open(log, "a") as f:
+                    f.write(f"{state['n']}\n")
+            self.n = state["n"]
+
+    def make(x: int) -> Counted:
+        return Counted(x)
+
+    def relay(c: Counted) -> Counted:
+        return Counted(c.n + 1)
+
+    def finish(c: Counted) -> Counted:
+        return Counted(c.n * 10)
+
+    opts = {**FREE, "max_in_flight": 2}
+    chain = (
+        df.map(make, placement="ray", options=opts)
+        >> df.map(relay, placement="ray", options=opts)
+        >> df.map(finish, placement="ray", options=opts)
+    )
+    async with df.Engine(df.Graph("refs", chain)) as engine:
+        first = await engine.run(1)
+        rest = [c.n async for c in engine.map(range(2, 6))]
+    assert [first.n, *rest] == [20, 30, 40, 50, 60]
+    # Only the last node's outputs came into this process, once each: make's and
+    # relay's went from actor to actor as ObjectRefs.
+    loads = sorted(int(n) for n in (tmp_path / "loads").read_text().split())
+    assert loads == [20, 30, 40, 50, 60]
+
+
+async def test_a_failure_in_a_ray_chain_names_the_node_that_raised(ray_cluster: Any) -> None:
+    def check(x: int) -> int:
+        if x < 0:
+            raise ValueError(f"negative input {x}")
+        return x
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    chain = df.map(check, placement="ray", options=FREE) >> df.map(
+        double, placement="ray", options=FREE
+    )
+    async with df.Engine(df.Graph("refs-fail", chain)) as engine:
+        with pytest.raises(df.NodeError) as info:
+            await engine.run(-1)
+        assert await engine.run(4) == 8
+        stats = engine.stats()
+    assert info.value.node == "check"
+    assert isinstance(info.value.__cause__, ValueError)
+    assert stats["nodes"]["check"]["failed"] == 1
+    assert stats["nodes"]["double"]["failed"] == 0
+
+
+async def test_deadlines_cancel_queued_calls_in_both_actors_of_a_ref_chain(probe: Any) -> None:
+    def step(name: str) -> Any:
+        def body(x: tuple[str, int]) -> tuple[str, int]:
+            key, n = x
+            ray.get(probe.add.remote(f"{name}-begun"))
+            if key == f"hold-{name}":
+                ray.get(probe.wait.remote(f"release-{name}"))
+            ray.get(probe.add.remote(f"{name}-ran-{n}"))
+            return x
+
+        return df.map(body, name=name, placement="ray", options={**FREE, "max_in_flight": 2})
+
+    graph = df.Graph("refs-deadline", step("a") >> step("b"))
+    async with df.Engine(graph) as engine:
+        for name, n in (("a", 0), ("b", 2)):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.run, (f"hold-{name}", n))
+                await get(probe.wait.remote(f"{name}-begun={n // 2 + 1}"))  # it holds the actor
+                # The next item waits in that actor's queue until its deadline.
+                with pytest.raises(TimeoutError):
+                    await engine.run(("late", n + 1), timeout=0.3)
+                await get(probe.set.remote(f"release-{name}"))
+        assert await engine.run(("after", 9)) == ("after", 9)
+        stats = engine.stats()
+    # Item 1 was dropped in a's queue, item 3 (past a already) in b's queue.
+    assert await get(probe.count.remote("a-ran-1")) == 0
+    assert await get(probe.count.remote("a-ran-3")) == 1
+    assert await get(probe.count.remote("b-ran-3")) == 0
+    assert await get(probe.count.remote("b-ran-2")) == 1
+    assert stats["requests"]["timed_out"] == 2
+
+
+async def test_ray_outputs_come_back_as_values_where_a_loop_node_reads_them(
+    ray_cluster: Any,
+) -> None:
+    def square(x: int) -> int:
+        return x * x
+
+    def plus_one(x: int) -> int:
+        assert isinstance(x, int), f"got {x!r}"  # a value, never a RayRef
+        return x + 1
+
+    chain = df.map(square, placement="ray", options=FREE) >> df.map(plus_one)
+    async with df.Engine(df.Graph("refs-edge", chain)) as engine:
+        assert [y async for y in engine.map(range(5))] == [1, 2, 5, 10, 17]
+
+
+# -- leaving a stream early, many times (issue 16) ------------------------------------------
+async def test_leaving_streams_early_many_times_always_stops_the_actors_generator(
+    probe: Any,
+) -> None:
+    def tokens(n: int) -> Iterator[int]:
+        # Odd n: between tokens the body waits on a Ray call of its own (for the reader's
+        # go-ahead); even n: it runs free until backpressure pauses it.
+        i = 0
+        error = None
+        try:
+            while True:
+                yield i
+                if n % 2:
+                    ray.get(probe.wait.remote(f"go-{n}-{i}"))
+                i += 1
+        except BaseException as exc:  # what leaving the stream did to the body
+            error = type(exc).__name__
+            raise
+        finally:
+            # Cleanup that takes a moment and calls Ray.
+            time.sleep(0.01)  # allowed: simulates cleanup work
+            ray.get(probe.set.remote(f"closed-{n}", (i, error)))
+
+    node = df.map(tokens, placement="ray", options={**FREE, "max_in_flight": 2})
+    async with df.Engine(df.Graph("endless", node)) as engine:
+        for n in range(24):
+            stop_at = n % 4  # before, at and past the backpressure bound (2)
+            async for token in engine.stream(n):
+                if token == stop_at:
+                    break
+                if n % 2:
+                    await get(probe.set.remote(f"go-{n}-{token}"))
+            if n % 2:
+                # The body is inside its own Ray call: it finishes, the next yield stops
+                # the generator (as with thread placement; Ray's recursive cancel used
+                # to fail that call with TaskCancelledError).
+                await get(probe.set.remote(f"go-{n}-{stop_at}"))
+            # Each generator stopped cleanly in the actor, its finally ran to the end.
+            i, error = await get(probe.wait.remote(f"closed-{n}"), timeout=20)
+            assert (i >= stop_at, error) == (True, "GeneratorExit"), n
+        async for token in engine.stream(98):
+            assert token == 0  # the actor is free: a new stream starts at once
+            break
