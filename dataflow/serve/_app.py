@@ -23,6 +23,7 @@ from ..engine import Engine, EngineState
 from ..graph import Graph
 from ..metrics import render
 from ._asgi import SSEWriter, WatchedResponse, send_error, send_json
+from ._dashboard import dashboard_routes
 from ._errors import ApiError, error_body, from_exception, log
 from ._metrics import HttpMetrics, new_registry
 from ._openai import (
@@ -501,6 +502,7 @@ def create_app(
         Route("/healthz", state.healthz, methods=["GET"]),
         Route("/metrics", state.metrics, methods=["GET"]),
     ]
+    routes += dashboard_routes(state)  # the page, /v1/stats, /v1/graphs (web helper)
     app = Starlette(
         routes=routes,
         lifespan=state.lifespan,
