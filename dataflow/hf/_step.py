@@ -97,12 +97,14 @@ class HFStepModel:
                 ids[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
                 mask[row, : len(prompt)] = 1
             positions = torch.arange(longest)[None, :].expand(len(prompts), -1)
+            last = torch.tensor(lengths, device=self.device) - 1
             out = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
                 cache=self._dynamic_cache(),
                 use_cache=True,
+                logits_to_keep=last[:, None],  # only each row's last real token
             )
             layers = _layers(out.cache)
             for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
@@ -110,9 +112,11 @@ class HFStepModel:
                     (k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone())
                     for k, v in layers
                 ]
-            last = torch.tensor(lengths, device=self.device) - 1
             rows = torch.arange(len(prompts), device=self.device)
-            logits: torch.Tensor = out.logits[rows, last].float().cpu()
+            kept = out.logits
+            # a model that ignores a per-row logits_to_keep returns every position
+            picked = kept[:, 0] if kept.shape[1] == 1 and longest > 1 else kept[rows, last]
+            logits: torch.Tensor = picked.float().cpu()
             return logits
 
     def step(self, slots: Sequence[int], last_tokens: Sequence[int]) -> torch.Tensor:
