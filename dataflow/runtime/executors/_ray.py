@@ -14,6 +14,8 @@ The modules:
   :class:`RayRef`, the output of a node whose consumers are all ray-placed: it goes on
   actor to actor as an ``ObjectRef`` and is fetched only where the engine needs it.
 - ``_ray_replica``: :class:`RayReplica`, the driver side.
+- ``_ray_compiled``: a node with ``options={"compiled": True}`` driven through a Ray
+  Compiled Graph.
 
 Across the boundary:
 
@@ -56,7 +58,12 @@ __all__ = [
 def _factory(node: Node, index: int, backend: Backend, intra_op_threads: int | None) -> Replica:
     # Ray sizes an actor's thread pools (OMP_NUM_THREADS) by num_cpus; only an explicit
     # threads= overrides that, the local default share does not apply to another process.
-    return RayReplica(node, index, backend, ray_options(node), threads=node.threads)
+    options = ray_options(node)
+    if options.compiled:
+        from ._ray_compiled import CompiledRayReplica
+
+        return CompiledRayReplica(node, index, backend, options, threads=node.threads)
+    return RayReplica(node, index, backend, options, threads=node.threads)
 
 
 def register() -> None:

@@ -22,23 +22,18 @@ from ._base import build_body
 __all__ = ["actor_class", "unwrap"]
 
 
-class _NodeActor:
-    """One replica's body inside a Ray worker process.
+class _CallActor:
+    """One replica's body inside a Ray worker process: set up, called, torn down.
 
     Calls run one at a time on the actor's default thread, so thread-local state set up
-    by ``setup()`` stays put. The actor also has a ``control`` concurrency group: that
-    makes Ray treat it as a threaded actor, whose queued calls ``ray.cancel`` drops (a
-    plain actor runs them anyway), and lets ``stop`` overtake a running generator.
+    by ``setup()`` stays put. A compiled node's actor is this plain class (Compiled
+    Graphs drive it through channels); other nodes use :class:`_NodeActor`.
     """
 
     def __init__(self, node: Node, threads: int | None) -> None:
         self._node = node
         self._threads = threads
         self._body: Any = None
-        self._lock = threading.Lock()
-        # Generators told to stop: running ones see it after their next yield, one that
-        # has not started yet returns before computing anything.
-        self._stopped: set[int] = set()
 
     def setup(self) -> int:
         if self._threads is not None:
@@ -63,6 +58,29 @@ class _NodeActor:
         batch = self._node.batch
         assert isinstance(batch, Batch)  # only batched nodes are sent batches
         return run_batch(self._body, batch, list(values), kw)
+
+    def teardown(self) -> None:
+        body, self._body = self._body, None
+        target = getattr(body, "__wrapped__", body)
+        teardown = getattr(target, "teardown", None)
+        if callable(teardown):
+            teardown()
+
+
+class _NodeActor(_CallActor):
+    """:class:`_CallActor` with outputs left in Ray, batches and streaming generators.
+
+    It has a ``control`` concurrency group: that makes Ray treat it as a threaded actor,
+    whose queued calls ``ray.cancel`` drops (a plain actor runs them anyway), and lets
+    ``stop`` overtake a running generator.
+    """
+
+    def __init__(self, node: Node, threads: int | None) -> None:
+        super().__init__(node, threads)
+        self._lock = threading.Lock()
+        # Generators told to stop: running ones see it after their next yield, one that
+        # has not started yet returns before computing anything.
+        self._stopped: set[int] = set()
 
     # -- calls: the value stays in Ray (status first, then the value(s)) ---------------
     def call_ref(self, kw: dict[str, Any], value: Any) -> tuple[None, Any]:
@@ -98,25 +116,23 @@ class _NodeActor:
         with self._lock:
             self._stopped.add(sid)
 
-    def teardown(self) -> None:
-        body, self._body = self._body, None
-        target = getattr(body, "__wrapped__", body)
-        teardown = getattr(target, "teardown", None)
-        if callable(teardown):
-            teardown()
+
+_ACTOR_CLASSES: dict[bool, Any] = {}
 
 
-_ACTOR_CLASS: Any = None
-
-
-def actor_class() -> Any:
-    """The Ray actor class (made once per process, when first needed)."""
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        _ACTOR_CLASS = ray.remote(concurrency_groups={"control": 1})(  # type: ignore[call-overload]
-            _NodeActor
-        )
-    return _ACTOR_CLASS
+def actor_class(compiled: bool = False) -> Any:
+    """The Ray actor class (made once per process, when first needed): the plain one
+    for a compiled node, else the threaded one."""
+    cls = _ACTOR_CLASSES.get(compiled)
+    if cls is None:
+        if compiled:
+            cls = ray.remote(_CallActor)
+        else:
+            cls = ray.remote(concurrency_groups={"control": 1})(  # type: ignore[call-overload]
+                _NodeActor
+            )
+        _ACTOR_CLASSES[compiled] = cls
+    return cls
 
 
 def unwrap(exc: ray.exceptions.RayTaskError) -> BaseException:

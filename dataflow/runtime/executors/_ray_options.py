@@ -4,8 +4,8 @@ Placement keys say where each actor may run: ``num_cpus``, ``num_gpus``, ``resou
 (custom resources a node advertises), ``accelerator_type``, ``label_selector`` (node
 labels, Ray >= 2.45) and ``node`` (a node id, hard or ``soft`` affinity). The others say
 how the engine drives the actors (``max_in_flight``, ``max_restarts``, ``start_timeout``)
-and where to find the cluster (``address``, ``runtime_env``). ``compiled`` asks for a Ray
-Compiled Graph, which this version does not provide: it is refused, never ignored.
+and where to find the cluster (``address``, ``runtime_env``). ``compiled`` runs the node
+as a Ray Compiled Graph; a node that cannot be one is a GraphError saying why.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class RayOptions:
         start_timeout: seconds an actor may take to be placed and run ``setup()``.
         runtime_env: Ray's runtime environment for the actors (e.g. ``{"working_dir":
             "."}`` so that workers can import the body's module).
+        compiled: drive the actor through a Ray Compiled Graph (see ``_ray_compiled``).
     """
 
     num_cpus: float = 1.0
@@ -73,6 +74,7 @@ class RayOptions:
     address: str | None = None
     start_timeout: float = 120.0
     runtime_env: dict[str, Any] | None = None
+    compiled: bool = False
 
     def actor_options(self) -> dict[str, Any]:
         """Keyword arguments for Ray's ``ActorClass.options`` (placement only)."""
@@ -143,12 +145,11 @@ def ray_options(node: Node) -> RayOptions:
             raise fail(f"Ray option {key!r} must be {what} >= {minimum}, got {value!r}")
         return value
 
-    if opts.get("compiled"):
-        raise fail(
-            "Ray option 'compiled' is not available: this version runs every ray-placed "
-            "node as actor calls (consecutive Ray nodes already pass ObjectRefs actor to "
-            "actor); remove 'compiled' from the node's options"
-        )
+    compiled = opts.get("compiled", False)
+    if not isinstance(compiled, bool):
+        raise fail(f"Ray option 'compiled' must be True or False, got {compiled!r}")
+    if compiled:
+        _check_compilable(node, fail)
     resources = opts.get("resources", {})
     if not isinstance(resources, dict) or not all(
         isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
@@ -194,7 +195,27 @@ def ray_options(node: Node) -> RayOptions:
         address=address,
         start_timeout=float(start_timeout),
         runtime_env=runtime_env,
+        compiled=compiled,
     )
+
+
+def _check_compilable(node: Node, fail: Any) -> None:
+    """Why a node cannot run as a Ray Compiled Graph, as a GraphError (never a silent
+    fallback to actor calls)."""
+    why = []
+    if node.replicas > 1:
+        why.append(f"it has replicas={node.replicas} (a compiled node has one actor)")
+    if node.batch is not None:
+        why.append("it batches (batch=...)")
+    if node.info.mode in ("generator", "async_generator"):
+        why.append("its body is a generator (streamed outputs)")
+    if node.kind in ("shard", "merge"):
+        why.append(f"it is a {node.kind} node")
+    if why:
+        raise fail(
+            "Ray option 'compiled' needs a one-replica map/infer node with a plain "
+            f"function or class body, but {'; '.join(why)}; remove 'compiled' or those"
+        )
 
 
 def ensure_ray(address: str | None) -> None:

@@ -40,6 +40,8 @@ def _summary(exc: BaseException) -> str:
 class RayReplica(Replica):
     """A replica served by one Ray actor, replaced when it dies.
 
+    Subclasses may override ``_spawn`` (call it first) and ``_drop_actor``.
+
     Args:
         node: the node (pickled to the actor with its body).
         index: which replica this is.
@@ -48,6 +50,8 @@ class RayReplica(Replica):
         threads: torch intra-op threads to set in the actor (``None``: Ray's default,
             which follows ``num_cpus``).
     """
+
+    compiled = False  # a Compiled Graph drives the actor (see _ray_compiled)
 
     def __init__(
         self,
@@ -95,7 +99,7 @@ class RayReplica(Replica):
     async def _spawn(self) -> None:
         opts = self.options
         actor = (
-            actor_class()
+            actor_class(self.compiled)
             .options(
                 **opts.actor_options(),
                 # Restarts are this replica's business, so that in-flight items fail
