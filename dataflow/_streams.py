@@ -40,6 +40,13 @@ class Stream:
     def request_id(self) -> int | None:
         return None if self._req is None else self._req.id
 
+    @property
+    def ready(self) -> int:
+        """How many outputs are already waiting: reading that many will not wait (a
+        server coalesces them into one write for a slow client)."""
+        req = self._req
+        return 0 if req is None or self._closed else len(req.outputs)
+
     def __aiter__(self) -> Stream:
         return self
 

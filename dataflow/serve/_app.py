@@ -1,50 +1,43 @@
-"""The ASGI app: OpenAI-compatible completions and embeddings, a generic run route,
-health and metrics, over one or more engines started in the app's lifespan."""
+"""The ASGI app: OpenAI-compatible completions, chat completions and embeddings, a generic
+run route, models, health and metrics, over one or more engines started in the app's
+lifespan."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Send
+from starlette.types import Scope, Send
 
+from .._errors import Overloaded
 from ..engine import Engine, EngineState
 from ..graph import Graph
 from ..metrics import render
 from ._asgi import SSEWriter, WatchedResponse, send_error, send_json
+from ._auth import ApiKeyAuth
+from ._completions import generation_route
 from ._dashboard import dashboard_routes
 from ._errors import ApiError, error_body, from_exception, log
-from ._metrics import HttpMetrics, new_registry
-from ._openai import (
-    Accepts,
-    CompletionRequest,
-    EmbeddingRequest,
-    RunRequest,
-    as_text,
-    completion_chunk,
-    completion_response,
-    embedding_response,
-    finish_reason,
-    new_id,
-    parse_completion,
-    parse_embedding,
-    parse_run,
-    to_jsonable,
-    usage,
-)
+from ._fields import find_lone_surrogate, has_surrogate_escape
+from ._limits import ceiling
+from ._metrics import HttpMetrics, ModelMetrics, new_registry, set_model
+from ._models import Model
+from ._openai import EmbeddingRequest, ModelInfo, RunRequest, parse_embedding, parse_run
+from ._sequences import run_all
+from ._shapes import embedding_response, to_jsonable
 
-__all__ = ["create_app"]
+__all__ = ["Model", "ServeApp", "create_app"]
 
 Served = Engine | Graph
 
@@ -52,22 +45,6 @@ Served = Engine | Graph
 def utf8_tokens(text: str) -> int:
     """Usage counting by default: UTF-8 bytes, the tokens of byte-level models."""
     return len(text.encode("utf-8"))
-
-
-class Model:
-    """One served graph and what its requests may carry."""
-
-    def __init__(self, name: str, engine: Engine, owned: bool) -> None:
-        self.name = name
-        self.engine = engine
-        self.owned = owned  # the app opens and closes it in its lifespan
-        nodes = engine.graph.nodes.values()
-        self.params: frozenset[str] = frozenset().union(*(n.info.params for n in nodes))
-        self.any_param = any(n.info.accepts_any_param for n in nodes)
-        self.streaming = engine.plan.streaming
-
-    def takes(self, param: str) -> bool:
-        return self.any_param or param in self.params
 
 
 class ServeApp:
@@ -79,15 +56,14 @@ class ServeApp:
         *,
         max_body_bytes: int,
         timeout: float | None,
-        retry_after: float,
-        count_tokens: Callable[[str], int],
+        api_key: str | None,
     ) -> None:
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.timeout = timeout
-        self.retry_after = retry_after
-        self.count_tokens = count_tokens
+        self.api_key = api_key
         self.registry = new_registry([m.engine for m in models.values()])
+        self.metrics = ModelMetrics(self.registry, models)
 
     # -- plumbing ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -98,7 +74,12 @@ class ServeApp:
                     await stack.enter_async_context(model.engine)
             yield
 
-    def model(self, name: str, kind: str) -> Model:
+    def model(self, name: str, endpoint: str) -> Model:
+        """The model named ``name``, checked to serve ``endpoint``.
+
+        Raises:
+            ApiError: 404 no such model; 400 a model of another kind.
+        """
         model = self.models.get(name)
         if model is None:
             served = ", ".join(sorted(self.models)) or "none"
@@ -108,23 +89,41 @@ class ServeApp:
                 param="model",
                 code="model_not_found",
             )
-        if kind == "embeddings" and model.streaming:
-            raise ApiError(
-                400,
-                f"model {name!r} streams its outputs; it is not an embedding model",
-                param="model",
-                code="wrong_model_kind",
-            )
+        model.check_endpoint(endpoint)
         return model
 
-    def _accepts(self, name: str, kind: str) -> Accepts:
-        return self.model(name, kind).takes
+    def lookup(self, scope: Scope) -> Callable[[str, str], ModelInfo]:
+        """``model(name, endpoint)`` that also labels the exchange's metrics."""
+
+        def find(name: str, endpoint: str) -> ModelInfo:
+            model = self.model(name, endpoint)
+            set_model(scope, model.name)
+            return model
+
+        return find
+
+    def admit(self, model: Model) -> None:
+        """A request of several inputs is admitted as a whole: 429 at once if the engine
+        is full, else all its inputs run (a few at a time), however many there are."""
+        limit = model.engine.max_in_flight
+        if limit is not None and model.engine.counters.in_flight >= limit:
+            raise self.fail(Overloaded(f"model {model.name!r} is full"), model)
+
+    def window(self, model: Model) -> int:
+        """How many of one request's inputs run at once."""
+        limit = model.engine.max_in_flight
+        return 64 if limit is None else max(1, min(64, limit // 2))
+
+    def log_user(self, model: str, endpoint: str, user: str) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("model %r /v1/%s for user %r", model, endpoint, user[:256])
 
     async def read_json(self, request: Request) -> Any:
         """The body as JSON, refusing bodies over the limit before reading them whole.
 
         Raises:
-            ApiError: 413 body too large, 400 empty or malformed JSON.
+            ApiError: 413 body too large, 400 empty or malformed JSON, or a string with a
+                lone surrogate.
         """
         limit = self.max_body_bytes
         too_large = ApiError(
@@ -141,7 +140,7 @@ class ServeApp:
         if not data:
             raise ApiError(400, "the request body is empty; send a JSON object", code="empty")
         try:
-            return json.loads(data)
+            body = json.loads(data)
         except UnicodeDecodeError:
             raise ApiError(400, "the request body is not UTF-8", code="invalid_json") from None
         except json.JSONDecodeError as exc:
@@ -150,170 +149,82 @@ class ServeApp:
                 f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
                 code="invalid_json",
             ) from None
+        except RecursionError:
+            raise ApiError(400, "the JSON is nested too deeply", code="invalid_json") from None
+        if has_surrogate_escape(bytes(data)):
+            where = find_lone_surrogate(body)
+            if where is not None:
+                param = where.removeprefix("body").lstrip(".") or None
+                raise ApiError(
+                    400,
+                    f"{param or 'the body'!s} holds a lone UTF-16 surrogate; send valid Unicode",
+                    param=param,
+                    code="invalid_text",
+                )
+        return body
 
-    def fail(self, exc: BaseException, model: str) -> ApiError:
-        return from_exception(exc, model=model, retry_after=self.retry_after)
+    def fail(self, exc: BaseException, model: Model) -> ApiError:
+        return from_exception(exc, model=model.name, retry_after=model.drain.retry_after())
 
-    # -- /v1/completions -----------------------------------------------------------------
+    def error_response(self, err: ApiError) -> Response:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    # -- /v1/completions, /v1/chat/completions -------------------------------------------
     async def completions(self, request: Request) -> Response:
-        try:
-            req = parse_completion(await self.read_json(request), self._accepts)
-            model = self.models[req.model]
-        except ApiError as err:
-            return _error_response(err)
-        if req.stream:
-            return WatchedResponse(lambda send: self._stream_completion(model, req, send))
-        return WatchedResponse(lambda send: self._complete(model, req, send))
+        return await generation_route(self, request, chat=False)
 
-    async def _generate(
-        self, model: Model, req: CompletionRequest, index: int, emit: Callable[[int, str], Any]
-    ) -> int:
-        """Stream prompt ``index`` through the model, calling ``emit(index, text)`` per
-        output; returns the number of outputs."""
-        stream = model.engine.stream(
-            req.prompts[index], timeout=self.timeout, wait=False, **req.params
-        )
-        count = 0
-        async with contextlib.aclosing(stream):
-            async for out in stream:
-                count += 1
-                await emit(index, as_text(out))
-        return count
-
-    async def _complete(self, model: Model, req: CompletionRequest, send: Send) -> None:
-        n = len(req.prompts)
-        texts: list[list[str]] = [[] for _ in range(n)]
-        counts = [0] * n
-
-        async def collect(index: int, text: str) -> None:
-            texts[index].append(text)
-
-        async def one(index: int) -> None:
-            counts[index] = await self._generate(model, req, index, collect)
-
-        error = await _first_error(n, one)  # one failed prompt fails the request
-        if error is not None:
-            await send_error(send, self.fail(error, model.name))
-            return
-        prompt_tokens = sum(self.count_tokens(p) for p in req.prompts)
-        body = completion_response(
-            new_id("cmpl"),
-            model.name,
-            ["".join(t) for t in texts],
-            counts,
-            req.max_tokens,
-            prompt_tokens,
-        )
-        await send_json(send, 200, body)
-
-    async def _stream_completion(self, model: Model, req: CompletionRequest, send: Send) -> None:
-        cid, created = new_id("cmpl"), int(time.time())
-        sse = SSEWriter(send)
-        n = len(req.prompts)
-        counts = [0] * n
-
-        async def emit(index: int, text: str) -> None:
-            await sse.event(completion_chunk(cid, model.name, created, index, text))
-
-        async def finish(index: int, count: int) -> None:
-            counts[index] = count
-            reason = finish_reason(count, req.max_tokens)
-            await sse.event(completion_chunk(cid, model.name, created, index, "", reason))
-
-        try:
-            if n == 1:
-                await finish(0, await self._generate(model, req, 0, emit))
-            else:
-                await self._stream_many(model, req, emit, finish)
-        except Exception as exc:
-            await sse.fail(self.fail(exc, model.name))
-            return
-        if req.include_usage:
-            prompt_tokens = sum(self.count_tokens(p) for p in req.prompts)
-            chunk = completion_chunk(
-                cid, model.name, created, None, usage_counts=usage(prompt_tokens, sum(counts))
-            )
-            await sse.event(chunk)
-        await sse.done()
-
-    async def _stream_many(
-        self,
-        model: Model,
-        req: CompletionRequest,
-        emit: Callable[[int, str], Any],
-        finish: Callable[[int, int], Any],
-    ) -> None:
-        """Several prompts at once: their chunks interleave, each tagged with its index.
-        Producers hand chunks to the one writer through a rendezvous stream, so a slow
-        client holds back every prompt's generation rather than buffering it."""
-        tx, rx = anyio.create_memory_object_stream[tuple[int, str | int | BaseException]](0)
-
-        async def produce(index: int, out: Any) -> None:
-            async def put(i: int, text: str) -> None:
-                await out.send((i, text))
-
-            async with out:
-                try:
-                    count = await self._generate(model, req, index, put)
-                except Exception as exc:
-                    await out.send((index, exc))
-                    return
-                await out.send((index, count))
-
-        async with anyio.create_task_group() as tg:
-            async with tx:
-                for i in range(len(req.prompts)):
-                    tg.start_soon(produce, i, tx.clone())
-            async with rx:
-                async for index, what in rx:
-                    if isinstance(what, str):
-                        await emit(index, what)
-                    elif isinstance(what, int):
-                        await finish(index, what)
-                    else:
-                        tg.cancel_scope.cancel()
-                        raise what
+    async def chat_completions(self, request: Request) -> Response:
+        return await generation_route(self, request, chat=True)
 
     # -- /v1/embeddings ------------------------------------------------------------------
     async def embeddings(self, request: Request) -> Response:
         try:
-            req = parse_embedding(await self.read_json(request), self._accepts)
+            req = parse_embedding(await self.read_json(request), self.lookup(request.scope))
             model = self.models[req.model]
         except ApiError as err:
-            return _error_response(err)
+            return self.error_response(err)
         return WatchedResponse(lambda send: self._embed(model, req, send))
 
     async def _embed(self, model: Model, req: EmbeddingRequest, send: Send) -> None:
         vectors: list[Any] = [None] * len(req.inputs)
+        many = len(req.inputs) > 1
+        if many:
+            try:
+                self.admit(model)
+            except ApiError as err:
+                await send_error(send, err)
+                return
 
         async def one(index: int) -> None:
             vectors[index] = await model.engine.run(
-                req.inputs[index], timeout=self.timeout, wait=False, **req.params
+                req.inputs[index], timeout=self.timeout, wait=many, params=req.params
             )
 
         # One request per input: dynamic batching inside the graph joins them with other
         # clients' inputs.
-        error = await _first_error(len(req.inputs), one)
+        error = await run_all(len(req.inputs), one, self.window(model))
         if error is not None:
-            await send_error(send, self.fail(error, model.name))
+            await send_error(send, self.fail(error, model))
             return
-        tokens = sum(self.count_tokens(t) for t in req.inputs)
+        tokens = sum(model.count_tokens(t) for t in req.inputs)
         try:
             body = embedding_response(model.name, vectors, req.base64, tokens)
         except TypeError as exc:
             await send_error(send, ApiError(500, f"model {model.name!r}: {exc}", code="output"))
             return
+        self.metrics.prompt_tokens.labels(model.name).inc(tokens)
         await send_json(send, 200, body)
 
     # -- /v1/graphs/{name}/run -----------------------------------------------------------
     async def run(self, request: Request) -> Response:
         name = request.path_params["name"]
         try:
-            model = self.model(name, "run")
-            req = parse_run(await self.read_json(request), model.takes, name)
+            model = self.lookup(request.scope)(name, "run")
+            assert isinstance(model, Model)
+            req = parse_run(await self.read_json(request), model)
         except ApiError as err:
-            return _error_response(err)
-        timeout = req.timeout if req.timeout is not None else self.timeout
+            return self.error_response(err)
+        timeout = ceiling(self.timeout, req.timeout)  # the server's limit is a ceiling
         if req.stream:
             return WatchedResponse(lambda send: self._run_stream(model, req, timeout, send))
         return WatchedResponse(lambda send: self._run_once(model, req, timeout, send))
@@ -322,14 +233,16 @@ class ServeApp:
         self, model: Model, req: RunRequest, timeout: float | None, send: Send
     ) -> None:
         try:
-            result = await model.engine.run(req.input, timeout=timeout, wait=False, **req.params)
+            result = await model.engine.run(
+                req.input, timeout=timeout, wait=False, params=req.params
+            )
             body = {"output": to_jsonable(result)}
         except TypeError as exc:
             err = ApiError(500, f"model {model.name!r}: output {exc}", code="output")
             await send_error(send, err)
             return
         except Exception as exc:
-            await send_error(send, self.fail(exc, model.name))
+            await send_error(send, self.fail(exc, model))
             return
         await send_json(send, 200, body)
 
@@ -337,26 +250,35 @@ class ServeApp:
         self, model: Model, req: RunRequest, timeout: float | None, send: Send
     ) -> None:
         sse = SSEWriter(send)
-        stream = model.engine.stream(req.input, timeout=timeout, wait=False, **req.params)
         try:
-            async with contextlib.aclosing(stream):
+            stream = model.engine.stream(req.input, timeout=timeout, wait=False, params=req.params)
+            async with stream:
                 async for out in stream:
                     await sse.event({"output": to_jsonable(out)})
         except TypeError as exc:
             await sse.fail(ApiError(500, f"model {model.name!r}: output {exc}", code="output"))
             return
         except Exception as exc:
-            await sse.fail(self.fail(exc, model.name))
+            await sse.fail(self.fail(exc, model))
             return
         await sse.done()
 
     # -- the rest ------------------------------------------------------------------------
+    @staticmethod
+    def _card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "dataflow"}
+
     async def list_models(self, request: Request) -> Response:
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "dataflow"}
-            for name in self.models
-        ]
+        data = [self._card(name) for name in self.models]
         return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["id"]
+        try:
+            model = self.lookup(request.scope)(name, "run")
+        except ApiError as err:
+            return self.error_response(err)
+        return JSONResponse(self._card(model.name))
 
     async def healthz(self, request: Request) -> Response:
         states = {name: m.engine.state.value for name, m in self.models.items()}
@@ -366,35 +288,11 @@ class ServeApp:
             status_code=200 if ok else 503,
         )
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics_route(self, request: Request) -> Response:
+        for model in self.models.values():
+            model.drain.sample()
         body, content_type = render(self.registry)
         return Response(body, media_type=content_type)
-
-
-async def _first_error(n: int, call: Callable[[int], Awaitable[None]]) -> BaseException | None:
-    """Runs ``call(0) .. call(n - 1)``, concurrently when ``n > 1``; the first to raise
-    cancels the rest. Returns that exception, or None when all succeeded."""
-    errors: list[BaseException] = []
-
-    async def one(index: int, tg: anyio.abc.TaskGroup | None) -> None:
-        try:
-            await call(index)
-        except Exception as exc:
-            errors.append(exc)
-            if tg is not None:
-                tg.cancel_scope.cancel()
-
-    if n == 1:
-        await one(0, None)
-    else:
-        async with anyio.create_task_group() as tg:
-            for i in range(n):
-                tg.start_soon(one, i, tg)
-    return errors[0] if errors else None
-
-
-def _error_response(err: ApiError) -> Response:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -412,7 +310,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def _models(
-    served: Served | Mapping[str, Served] | Sequence[Served], max_in_flight: int | None
+    served: Served | Mapping[str, Served] | Sequence[Served],
+    max_in_flight: int | None,
+    count_tokens: Callable[[str], int],
+    retry_after: float,
 ) -> dict[str, Model]:
     if isinstance(served, Engine | Graph):
         items: list[tuple[str, Served]] = [(_name(served), served)]
@@ -430,13 +331,16 @@ def _models(
         if name in models:
             raise ValueError(f"two served graphs are named {name!r}; pass a mapping of names")
         if isinstance(what, Graph):
-            models[name] = Model(name, Engine(what, max_in_flight=max_in_flight), owned=True)
+            engine, owned = Engine(what, max_in_flight=max_in_flight), True
         elif isinstance(what, Engine):
             if what.state in (EngineState.CLOSING, EngineState.CLOSED):
                 raise ValueError(f"engine of {name!r} is {what.state.value}; pass a new one")
-            models[name] = Model(name, what, owned=what.state is EngineState.UNOPENED)
+            engine, owned = what, what.state is EngineState.UNOPENED
         else:
             raise TypeError(f"{name!r}: expected an Engine or a Graph, got {type(what).__name__}")
+        models[name] = Model(
+            name, engine, owned, count_tokens=count_tokens, retry_after=retry_after
+        )
     if not models:
         raise ValueError("create_app needs at least one graph to serve")
     return models
@@ -454,12 +358,15 @@ def create_app(
     timeout: float | None = None,
     retry_after: float = 1.0,
     count_tokens: Callable[[str], int] = utf8_tokens,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> Starlette:
     """An ASGI app serving graphs over HTTP, OpenAI-compatible.
 
-    Routes: ``POST /v1/completions`` (streaming with ``stream: true``), ``POST
-    /v1/embeddings``, ``POST /v1/graphs/{name}/run``, ``GET /v1/models``, ``GET /healthz``
-    and ``GET /metrics``. The OpenAI ``model`` field names the graph.
+    Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streaming with
+    ``stream: true``), ``POST /v1/embeddings``, ``POST /v1/graphs/{name}/run``, ``GET
+    /v1/models``, ``GET /v1/models/{id}``, ``GET /healthz`` and ``GET /metrics`` (see
+    ``docs/serve.md``). The OpenAI ``model`` field names the graph.
 
     Args:
         served: what to serve: a Graph or Engine, a list of them (named by their graph's
@@ -470,9 +377,16 @@ def create_app(
             beyond it is answered 429 with ``Retry-After``. (An Engine passed in keeps its
             own ``max_in_flight``.)
         max_body_bytes: larger request bodies are answered 413.
-        timeout: per-request deadline in seconds (504 when it passes); ``None``: none.
-        retry_after: seconds suggested by a 429's ``Retry-After`` (rounded up).
-        count_tokens: counts a prompt's tokens for ``usage`` (default: UTF-8 bytes).
+        timeout: per-request deadline in seconds (504 when it passes); a client's own
+            ``timeout`` (run route) may only shorten it. ``None``: none.
+        retry_after: seconds a 429 suggests while no recent drain rate is known (else
+            it is computed from how fast requests have been ending).
+        count_tokens: counts a prompt's tokens for ``usage`` of graphs that do not report
+            their own (default: UTF-8 bytes). Generate graphs report exact counts.
+        api_key: when set, every route but ``/healthz`` (and the dashboard page) needs
+            ``Authorization: Bearer <api_key>`` (401 otherwise).
+        cors_origins: origins allowed to call the API from a browser (CORS is off when
+            empty); ``["*"]`` allows any.
 
     Raises:
         TypeError, ValueError: nothing to serve, a duplicate name, a closed engine, or a
@@ -486,27 +400,38 @@ def create_app(
         raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
     if not retry_after > 0:
         raise ValueError(f"retry_after must be seconds > 0, got {retry_after!r}")
-    models = _models(served, max_in_flight)
-    state = ServeApp(
-        models,
-        max_body_bytes=max_body_bytes,
-        timeout=timeout,
-        retry_after=retry_after,
-        count_tokens=count_tokens,
-    )
+    if api_key is not None and not (isinstance(api_key, str) and api_key):
+        raise ValueError("api_key must be a non-empty string or None")
+    if isinstance(cors_origins, str):
+        raise TypeError("cors_origins must be a list of origins, not a string")
+    models = _models(served, max_in_flight, count_tokens, retry_after)
+    state = ServeApp(models, max_body_bytes=max_body_bytes, timeout=timeout, api_key=api_key)
     routes = [
         Route("/v1/completions", state.completions, methods=["POST"]),
+        Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
         Route("/v1/embeddings", state.embeddings, methods=["POST"]),
         Route("/v1/graphs/{name}/run", state.run, methods=["POST"]),
         Route("/v1/models", state.list_models, methods=["GET"]),
+        Route("/v1/models/{id:path}", state.get_model, methods=["GET"]),
         Route("/healthz", state.healthz, methods=["GET"]),
-        Route("/metrics", state.metrics, methods=["GET"]),
+        Route("/metrics", state.metrics_route, methods=["GET"]),
     ]
     routes += dashboard_routes(state)  # the page, /v1/stats, /v1/graphs (web helper)
+    middleware = [Middleware(HttpMetrics, registry=state.registry, models=state.metrics)]
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type"],
+            )
+        )
+    middleware.append(Middleware(ApiKeyAuth, api_key=api_key))
     app = Starlette(
         routes=routes,
         lifespan=state.lifespan,
-        middleware=[Middleware(HttpMetrics, registry=state.registry)],
+        middleware=middleware,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.serve = state

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import logging
 import math
+from asyncio import CancelledError
 from typing import Any
 
 from .._errors import DataflowError, EngineClosed, InvalidRequest, NodeError, Overloaded
 
-__all__ = ["ApiError", "error_body", "from_exception"]
+__all__ = ["ApiError", "error_body", "from_exception", "retry_headers", "unwrap"]
 
 log = logging.getLogger("dataflow.serve")
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -72,6 +74,29 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _cancelled(exc: BaseException) -> bool:
+    # asyncio's CancelledError or trio's Cancelled (not importable without trio)
+    return isinstance(exc, CancelledError) or type(exc).__name__ == "Cancelled"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The error an exception group stands for: its first leaf that is not a
+    cancellation (a task group of several prompts wraps the one that failed)."""
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in exc.exceptions if not _cancelled(e)]
+        exc = (leaves or list(exc.exceptions))[0]
+    return exc
+
+
+def retry_headers(seconds: float) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1, as HTTP wants) and ``retry-after-ms``
+    (what the OpenAI clients read first)."""
+    return {
+        "Retry-After": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, round(seconds * 1000))),
+    }
+
+
 def from_exception(exc: BaseException, *, model: str, retry_after: float) -> ApiError:
     """The answer to an exception raised by an engine call for ``model``.
 
@@ -79,15 +104,17 @@ def from_exception(exc: BaseException, *, model: str, retry_after: float) -> Api
     400; ``NodeError`` -> 500 naming the node; ``EngineClosed`` -> 503; anything else ->
     500 with a generic message (and the traceback in the log).
     """
+    exc = unwrap(exc)
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, Overloaded):
-        seconds = str(max(1, math.ceil(retry_after)))
+        headers = retry_headers(retry_after)
         return ApiError(
             429,
-            f"model {model!r} is at its limit of requests in flight; retry after {seconds} s",
+            f"model {model!r} is at its limit of requests in flight; "
+            f"retry after {headers['Retry-After']} s",
             code="overloaded",
-            headers={"Retry-After": seconds},
+            headers=headers,
         )
     if isinstance(exc, TimeoutError):
         return ApiError(504, f"model {model!r}: the request passed its deadline", code="timeout")

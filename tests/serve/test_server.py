@@ -170,7 +170,8 @@ async def test_disconnect_cancels_within_one_step(serve: Any, echo: ModuleType) 
         with anyio.fail_after(10):
             await probe.closed_event.wait()
         assert received == 3
-        assert probe.steps == received + 1, probe.steps  # not len(prompt)
+        # at most the step it was waiting for (cancelled there or run), not len(prompt)
+        assert received <= probe.steps <= received + 1, probe.steps
         assert engine.stats()["nodes"]["echo"]["failed"] == 0
 
 
@@ -228,8 +229,9 @@ async def test_node_failure_is_500_without_traceback(serve: Any, echo: ModuleTyp
         # mid-stream: the tokens so far, then an error event, then [DONE]
         resp = await http.post(url, json={"model": "echo", "prompt": "ab#cd", "stream": True})
         evs = events(resp.text)
-        assert [e["choices"][0]["text"] for e in evs[:2]] == ["a", "b"]
-        assert evs[2]["error"]["type"] == "server_error" and evs[3] == "[DONE]"
+        # (tokens already waiting may share one frame)
+        assert "".join(e["choices"][0]["text"] for e in evs[:-2]) == "ab"
+        assert evs[-2]["error"]["type"] == "server_error" and evs[-1] == "[DONE]"
         assert "Traceback" not in resp.text
         async with client(server) as oai:
             with pytest.raises(openai.APIError):
