@@ -12,7 +12,7 @@ import torch
 from .._errors import GraphError
 from ..graph import Node
 from ..graph._generation import generate
-from ._load import check_checkpoint, load_model, load_tokenizer, resolve_dtype
+from ._load import check_checkpoint, load_model, load_tokenizer, offline, resolve_dtype
 from ._step import HFStepModel
 from ._tokens import token_bytes_table
 
@@ -144,6 +144,7 @@ def causal_lm(
         if isinstance(path_or_model, str | Path)
         else "causal_lm"
     )
+    offline()
     cuda = _wants_cuda(placement)
     torch_dtype = resolve_dtype(where, dtype, cuda)
     if isinstance(path_or_model, str | Path):
