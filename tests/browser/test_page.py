@@ -149,7 +149,8 @@ async def test_page_streams_shows_stats_and_stops(serve: Any, browser: Any, tmp_
     assert requests["succeeded"] == 1 and requests["cancelled"] == 1, requests
     assert requests["in_flight"] == 0
     assert result["stopped_at"] > 0
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = await anyio.Path(shot).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
     target = os.environ.get("DATAFLOW_DASHBOARD_PNG")
     if target:
-        Path(target).write_bytes(shot.read_bytes())
+        await anyio.Path(target).write_bytes(png)
