@@ -208,3 +208,19 @@ def test_sliding_window_models_are_refused() -> None:
         check_attention("x", MistralConfig(sliding_window=4096))
     with pytest.raises(df.GraphError, match="sliding"):
         check_attention("x", Qwen2Config(use_sliding_window=True, max_window_layers=1))
+
+
+async def test_a_stop_string_across_tokens_cuts_the_reference_text(
+    checkpoint: Path, reference: Any
+) -> None:
+    tok = reference.tokenizer
+    ids, text = reference(tok(PROMPTS[0])["input_ids"], 24)
+    pieces = [tok.decode([t]) for t in ids]
+    # a stop string that starts inside one token and ends inside a later one
+    k = next(i for i in range(1, len(pieces) - 1) if len(pieces[i]) > 1 and pieces[i + 1])
+    start = sum(len(p) for p in pieces[:k]) + 1
+    stop = text[start : start + len(pieces[k])]
+    assert stop and stop not in text[:start]
+    async with df.Engine(df.Graph("lm", hf.causal_lm(checkpoint, max_batch=2))) as engine:
+        got = "".join(await engine.run(PROMPTS[0], max_new_tokens=24, temperature=0, stop=stop))
+    assert got == text[: text.index(stop)]
