@@ -46,8 +46,14 @@ async def generate(request: Request, prompt: str, max_new_tokens: int = 64) -> S
         first = await anext(stream, None)
     except df.Overloaded as exc:
         raise HTTPException(503, "busy, retry later", headers={"Retry-After": "1"}) from exc
+    except df.InvalidRequest as exc:
+        # the client's fault (an empty prompt, more tokens than the graph allows): 400
+        # with the engine's one-line explanation, never a traceback
+        raise HTTPException(400, str(exc)) from exc
     except df.NodeError as exc:
         raise HTTPException(500, f"generation failed in node {exc.node!r}") from exc
+    except df.DataflowError as exc:
+        raise HTTPException(500, f"generation failed ({type(exc).__name__})") from exc
 
     async def chunks() -> AsyncIterator[str]:
         # Closing the stream (the client went away, or the response ended) cancels the

@@ -1,11 +1,19 @@
 """``dataflow serve GRAPH [GRAPH ...]``: serve graphs over HTTP (OpenAI-compatible) with
-uvicorn. Needs the ``serve`` extra: ``pip install 'dataflow-engine[serve]'``."""
+uvicorn. Needs the ``serve`` extra: ``pip install 'dataflow-engine[serve]'``.
+
+Shutdown: SIGTERM or Ctrl-C stops accepting connections, lets open streams run for up to
+``--grace`` seconds, then cancels them and stops the engines; a second Ctrl-C exits at
+once."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import sys
+from types import FrameType
+from typing import Any
 
 __all__ = ["add_parser", "main"]
 
@@ -26,7 +34,40 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger is 413")
     parser.add_argument("--timeout", type=float, default=None, help="per-request seconds (504)")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $DATAFLOW_API_KEY; none if unset)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable; '*' for any; default: CORS off)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/Ctrl-C, seconds open streams may run before they are cancelled; "
+        "a second Ctrl-C exits at once",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
+
+
+def _server_class(base: type[Any]) -> type[Any]:
+    """uvicorn's server, but a second Ctrl-C exits the process at once (uvicorn would
+    still wait for the app's lifespan shutdown)."""
+
+    class Server(base):  # type: ignore[misc]
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                print("second Ctrl-C: exiting now", file=sys.stderr, flush=True)
+                os._exit(130)
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,16 +82,24 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from ..serve._auth import key_from_env
     from ._load import CommandFailed, load_graph, parse_options
 
+    if not args.grace >= 0:
+        raise CommandFailed(f"--grace must be seconds >= 0, got {args.grace}")
     options = parse_options(args.option)
     graphs = [load_graph(spec, **options) for spec in args.graph]
-    app = create_app(
-        graphs,
-        max_in_flight=args.max_in_flight,
-        max_body_bytes=args.max_body_bytes,
-        timeout=args.timeout,
-    )
+    try:
+        app = create_app(
+            graphs,
+            max_in_flight=args.max_in_flight,
+            max_body_bytes=args.max_body_bytes,
+            timeout=args.timeout,
+            api_key=args.api_key or key_from_env(),
+            cors_origins=args.cors_origin,
+        )
+    except (TypeError, ValueError) as exc:
+        raise CommandFailed(str(exc)) from exc
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,10 +116,12 @@ def main(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     names = ", ".join(g.name for g in graphs)
     print(f"serving {names} on http://{host}:{port}", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=args.grace
+    )
     with sock:
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            _server_class(uvicorn.Server)(config).run(sockets=[sock])
         except KeyboardInterrupt:
             # uvicorn shuts down gracefully (engines drained), then re-raises Ctrl-C.
             pass

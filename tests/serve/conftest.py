@@ -104,3 +104,9 @@ def serve() -> Callable[[Any], contextlib.AbstractAsyncContextManager[Server]]:
 def echo() -> ModuleType:
     """The echo graph module (loaded from its file, as ``dataflow serve`` loads graphs)."""
     return load_module(str(ECHO_PATH))
+
+
+@pytest.fixture
+def alpha() -> ModuleType:
+    """The toy text-generation graph module (a ``generate`` node, see lm_graph.py)."""
+    return load_module(str(Path(__file__).with_name("lm_graph.py")))
