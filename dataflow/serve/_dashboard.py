@@ -50,7 +50,7 @@ _ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
-_SCRIPT_TAG = '<script src="static/dashboard.js" defer></script>'
+_SCRIPT_TAG = '<script src="static/dashboard.js"></script>'
 _STYLE_TAG = '<link rel="stylesheet" href="static/dashboard.css">'
 
 
@@ -113,7 +113,11 @@ def windowed(now: Mapping[str, Any], before: Mapping[str, Any] | None) -> dict[s
         }
     out["nodes"] = nodes
     out["window_s"] = window
-    comparable = before is not None and set(before.get("nodes", {})) == set(nodes)
+    # The runtime's bottleneck rule differences whole snapshots: only when both have the
+    # same nodes with the same replicas (else it is taken since the engine started).
+    comparable = before is not None and {
+        name: len(node["busy_s"]) for name, node in before.get("nodes", {}).items()
+    } == {name: len(node["busy_s"]) for name, node in nodes.items()}
     if nodes:
         since = dict(before) if comparable and before is not None else None
         out["bottleneck_window"] = bottleneck(dict(now), since)
