@@ -35,7 +35,8 @@ from ._asgi import SSEWriter, WatchedResponse
 from ._errors import ApiError
 
 if TYPE_CHECKING:
-    from ._app import Model, ServeApp
+    from ._app import ServeApp
+    from ._models import Model
 
 __all__ = ["Sampler", "dashboard_routes", "graph_description", "windowed"]
 

@@ -154,3 +154,33 @@ async def test_page_streams_shows_stats_and_stops(serve: Any, browser: Any, tmp_
     target = os.environ.get("DATAFLOW_DASHBOARD_PNG")
     if target:
         await anyio.Path(target).write_bytes(png)
+
+
+def drive_with_key(driver: Any, url: str, secret: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 60, poll_frequency=0.05)
+    driver.get(url + "/")
+    form = driver.find_element(By.ID, "auth")
+    wait.until(lambda d: form.is_displayed())  # the server answered 401: the page asks
+    assert secret not in driver.page_source
+    for key, displayed in (("wrong", True), (secret, False)):
+        driver.find_element(By.ID, "api_key").send_keys(key)
+        driver.find_element(By.ID, "auth_save").click()
+        if displayed:  # asked again, saying why
+            wait.until(
+                lambda d: (
+                    form.is_displayed() and "API key" in d.find_element(By.ID, "auth_error").text
+                )
+            )
+    wait.until(lambda d: _js(d, "return document.body.dataset.ready") == "1")
+    assert not form.is_displayed()
+    wait.until(lambda d: "/ 16" in _row(d, "tiny_lm"))  # live stats with the key
+    assert _js(driver, "return document.getElementById('model').value") == "tiny_lm"
+
+
+async def test_page_asks_for_the_api_key(serve: Any, browser: Any) -> None:
+    secret = "sekret-browser-key"
+    async with serve(create_app(tiny_lm.build(), api_key=secret)) as server:
+        await anyio.to_thread.run_sync(drive_with_key, browser, server.url, secret)

@@ -426,6 +426,7 @@ async function start() {
     if (!key) return;
     sessionStorage.setItem(KEY_STORE, key);
     $("#auth").hidden = true;
+    $("#auth_error").textContent = "";
     $("#api_key").value = "";
     const waiters = state.authWaiters.splice(0);
     for (const w of waiters) w();
