@@ -131,7 +131,8 @@ async def run_batching_worker(runner: NodeRunner, index: int) -> None:
     backend = runner.backend
     stats = runner.stats
     ordered = runner._ordered
-    collector = _COLLECTORS.setdefault(runner, _Collector()) if runner.replicas > 1 else None
+    # Lanes take turns (several per replica when a Ray actor keeps calls in flight).
+    collector = _COLLECTORS.setdefault(runner, _Collector()) if runner.worker_count() > 1 else None
     while True:
         if ordered:
             # Bounded reorder buffer: at most ``window`` batches taken but not yet released.

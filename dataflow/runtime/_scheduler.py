@@ -68,6 +68,11 @@ class Scheduler:
                     None if placement == "loop" else (node.threads or default_threads)
                 ),
             )
+        if "ray" in self.placements.values():
+            # How Ray nodes hand on values (ObjectRefs, compiled chains): runner.ray_hints.
+            from .executors._ray import plan_ray
+
+            plan_ray(plan, self.placements, self.runners)
         self._started: list[NodeRunner] = []
         self.inline = True  # let idle simple nodes run in their producer's task
 

@@ -147,6 +147,7 @@ class NodeRunner:
         self.tg: Any = None
         self._to_sink = len(outputs) == 1 and type(outputs[0][0]) is Sink
         self.detached = 0  # generators going on in their own task now
+        self.ray_hints: dict[str, Any] = {}  # set by the scheduler for Ray nodes (plan_ray)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -163,6 +164,10 @@ class NodeRunner:
                 self.backend,
                 intra_op_threads=self.intra_op_threads,
             )
+            if self.ray_hints:
+                from .executors._ray import configure
+
+                replica = configure(replica, self.ray_hints)
             self.replica_objs.append(replica)
             try:
                 await replica.start()

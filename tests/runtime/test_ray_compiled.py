@@ -56,7 +56,7 @@ async def outcomes(graph: df.Graph) -> list[Any]:
     return out
 
 
-async def test_a_compiled_chain_gives_the_same_results_as_thread_placement(
+async def test_a_compiled_node_gives_the_same_results_as_thread_placement(
     ray_cluster: Any,
 ) -> None:
     expected = await outcomes(chain("thread", False))
@@ -113,3 +113,31 @@ async def test_a_node_that_cannot_be_compiled_is_a_graph_error(node: df.Node, wh
         async with df.Engine(df.Graph("not-compilable", node)):
             pass
     assert info.value.nodes == (node.name,)
+
+
+async def test_a_compiled_chain_runs_as_one_graph_and_fails_at_the_node_that_raised(
+    ray_cluster: Any,
+) -> None:
+    def check(x: int) -> int:
+        if x == 13:
+            raise ValueError("unlucky")
+        return x
+
+    g = df.Graph(
+        "one-graph",
+        df.map(plus_one, name="head", placement="ray", options=COMPILED)
+        >> df.map(check, name="middle", placement="ray", options=COMPILED)
+        >> df.map(plus_one, name="tail", placement="ray", options=COMPILED),
+    )
+    async with df.Engine(g) as engine:
+        head = engine._scheduler.runners["head"].replica_objs[0]  # type: ignore[union-attr]
+        assert [n.name for n in head.chain] == ["middle", "tail"]  # one graph, three actors
+        assert await engine.run(1) == 3
+        with pytest.raises(df.NodeError) as info:
+            await engine.run(12)
+        assert [y async for y in engine.map(range(5))] == [2, 3, 4, 5, 6]  # it goes on
+        stats = engine.stats()
+    assert info.value.node == "middle"
+    assert isinstance(info.value.__cause__, ValueError)
+    assert stats["nodes"]["middle"]["failed"] == 1
+    assert stats["nodes"]["head"]["failed"] == 0

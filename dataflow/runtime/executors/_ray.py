@@ -14,8 +14,11 @@ The modules:
   :class:`RayRef`, the output of a node whose consumers are all ray-placed: it goes on
   actor to actor as an ``ObjectRef`` and is fetched only where the engine needs it.
 - ``_ray_replica``: :class:`RayReplica`, the driver side.
-- ``_ray_compiled``: a node with ``options={"compiled": True}`` driven through a Ray
+- ``_ray_compiled``: chains of nodes with ``options={"compiled": True}`` run as one Ray
   Compiled Graph.
+
+The scheduler calls :func:`plan_ray` (hints per runner) and each runner applies them to
+the replicas it makes with :func:`configure`.
 
 Across the boundary:
 
@@ -36,9 +39,12 @@ This package imports Ray only for a ``"ray"`` placement, so ``import dataflow`` 
 
 from __future__ import annotations
 
-from ...graph import Node
+from typing import Any
+
+from ...graph import Node, Plan
 from .._backend import Backend
 from ._base import Replica
+from ._ray_compiled import ChainFollower, CompiledRayReplica, plan_chains
 from ._ray_options import OPTION_KEYS, RayOptions, ensure_ray, ray_options
 from ._ray_refs import RayRef
 from ._ray_replica import ActorLost, RayReplica
@@ -46,13 +52,42 @@ from ._ray_replica import ActorLost, RayReplica
 __all__ = [
     "OPTION_KEYS",
     "ActorLost",
+    "CompiledRayReplica",
     "RayOptions",
     "RayRef",
     "RayReplica",
+    "configure",
     "ensure_ray",
+    "plan_ray",
     "ray_options",
     "register",
 ]
+
+
+def plan_ray(plan: Plan, placements: dict[str, str], runners: dict[str, Any]) -> None:
+    """Tell each Ray node's runner how its replicas hand on values (``ray_hints``):
+    ``pass_refs`` where every consumer is a Ray node, and compiled chains."""
+    nodes = {name: runner.node for name, runner in runners.items()}
+    chains = plan_chains(plan, placements, nodes)
+    for name, runner in runners.items():
+        if placements[name] != "ray":
+            continue
+        down = plan.downstream[name]
+        hints: dict[str, Any] = dict(chains.get(name, {}))
+        if down and all(placements[d] == "ray" for d in down):
+            hints["pass_refs"] = True
+        runner.ray_hints = hints
+
+
+def configure(replica: Replica, hints: dict[str, Any]) -> Replica:
+    """Apply a runner's ``ray_hints`` to a replica it made (before its start)."""
+    if hints.get("fused"):
+        return ChainFollower(replica.node, replica.index)
+    if isinstance(replica, CompiledRayReplica):
+        replica.chain = list(hints.get("chain", ()))
+    elif isinstance(replica, RayReplica):
+        replica.pass_refs = bool(hints.get("pass_refs"))
+    return replica
 
 
 def _factory(node: Node, index: int, backend: Backend, intra_op_threads: int | None) -> Replica:
@@ -60,8 +95,6 @@ def _factory(node: Node, index: int, backend: Backend, intra_op_threads: int | N
     # threads= overrides that, the local default share does not apply to another process.
     options = ray_options(node)
     if options.compiled:
-        from ._ray_compiled import CompiledRayReplica
-
         return CompiledRayReplica(node, index, backend, options, threads=node.threads)
     return RayReplica(node, index, backend, options, threads=node.threads)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,17 @@ import ray.exceptions
 from ...graph import Batch, Node
 from ._base import build_body
 
-__all__ = ["actor_class", "unwrap"]
+__all__ = ["Raised", "actor_class", "unwrap"]
+
+
+class Raised:
+    """A body's exception inside a compiled chain, on its way to the engine."""
+
+    __slots__ = ("error", "node")
+
+    def __init__(self, node: str, error: Exception) -> None:
+        self.node = node
+        self.error = error
 
 
 class _CallActor:
@@ -51,6 +62,17 @@ class _CallActor:
 
     def call_parts(self, kw: dict[str, Any], *parts: Any) -> Any:
         return self._body(list(parts), **kw)
+
+    def chain_call(self, kw: dict[str, Any], value: Any) -> Any:
+        """One step of a compiled chain: a body's exception travels on as
+        :class:`Raised`, so the engine fails the request at the node that raised."""
+        if type(value) is Raised:
+            return value
+        try:
+            return self._body(value, **kw)
+        except Exception as exc:
+            exc.add_note(f"raised in a Ray actor:\n{traceback.format_exc()}")
+            return Raised(self._node.name, exc)
 
     def call_batch(self, kw: dict[str, Any], *values: Any) -> Any:
         from .._batching import run_batch
