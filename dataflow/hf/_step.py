@@ -148,6 +148,8 @@ class HFStepModel:
         self._compact.pop(slot, None)
         if self._packed is not None and slot in self._packed.slots:
             self._packed.dead.add(slot)  # its row is dropped when the batch is next packed
+            if len(self._packed.dead) == len(self._packed.slots):
+                self._packed = None  # nothing alive in it: release it now
 
     def close(self) -> None:
         """Drops every cache."""

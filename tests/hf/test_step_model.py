@@ -35,7 +35,7 @@ def test_random_joins_leaves_and_parking_match_full_forwards(model: Any) -> None
     step = HFStepModel(model, max_batch=6, max_positions=96)
     seqs: dict[int, list[int]] = {}
     checks = 0
-    for tick in range(60):
+    for tick in range(45):
         free = [s for s in range(6) if s not in seqs]
         joins = rng.sample(free, k=min(len(free), rng.choice([0, 0, 1, 2])))
         prompts = [[rng.randrange(5, 300) for _ in range(rng.randint(1, 12))] for _ in joins]
@@ -60,7 +60,10 @@ def test_random_joins_leaves_and_parking_match_full_forwards(model: Any) -> None
         for slot in [s for s in seqs if len(seqs[s]) > 40 or rng.random() < 0.08]:
             step.free(slot)
             del seqs[slot]
-    assert checks > 100
+    assert checks > 80
+    for slot in list(seqs):
+        step.free(slot)
+    assert step._packed is None and not step._compact  # every cache released
     step.close()
 
 
