@@ -386,7 +386,9 @@ async function send() {
       if (choice && choice.text) {
         if (first === null) first = performance.now();
         tokens += 1;
+        const follow = out.scrollTop + out.clientHeight >= out.scrollHeight - 4;
         out.textContent += choice.text;
+        if (follow) out.scrollTop = out.scrollHeight; // keep the newest text in view
         show();
       }
       if (choice && choice.finish_reason) outcome = "finished: " + choice.finish_reason;
