@@ -59,7 +59,10 @@ class ThreadCall:
                 self.error = exc
         waker = self.waker
         if waker is not None:
-            waker()
+            try:
+                waker()
+            except RuntimeError:
+                pass  # the loop is gone (a call that outlived its engine's grace period)
 
 
 class Backend:

@@ -177,6 +177,7 @@ class NodeRunner:
                 raise err from exc
         self._scoped = not (
             self.node.info.mode == "function"
+            and self.node.kind != "shard"
             and all(isinstance(r, LoopReplica) for r in self.replica_objs)
         )
         # A replica that keeps several items in flight (a Ray actor) gets a worker per item.
@@ -672,7 +673,7 @@ class NodeRunner:
         # Bounded: a later input holds at most its stream's buffer of outputs, then waits
         # until it is the head (its request's end interrupts the wait: owned scope).
         req = it.req
-        while not collect.live and len(collect.outs) >= req.buffer_limit:
+        while not collect.live and len(collect.outs) > req.buffer_limit:
             if req.state != PENDING:
                 return
             await self.backend.park(collect.waiters)
