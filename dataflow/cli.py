@@ -24,7 +24,7 @@ _COMMANDS = {
     "show": "draw a graph (Mermaid, DOT, SVG, PNG)",
     "bench": "load-test a graph and report throughput, latency and what limits it",
 }
-USAGE, FAILURE, INTERRUPTED = 2, 1, 130
+_USAGE, _FAILURE, _INTERRUPTED = 2, 1, 130
 
 
 def _version() -> str:
@@ -55,30 +55,9 @@ def _debug_env() -> bool:
     return os.environ.get("DATAFLOW_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def describe(exc: BaseException) -> str:
-    """One line for a user: the error's kind where it helps, and its message."""
-    from ._cli._load import CommandFailed, UsageError
-    from ._errors import DataflowError
-
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, UsageError | CommandFailed | DataflowError) and text:
-        return text
-    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
-        return f"no such file: {exc.filename}"
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror}{where}"
-    if isinstance(exc, TimeoutError) and not text:
-        return "timed out"
-    name = type(exc).__name__
-    return f"{name}: {text} (--debug shows the traceback)" if text else name
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dataflow`` console script; returns the exit status."""
-    from ._cli._load import UsageError
+    from ._cli._load import UsageError, describe
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = _debug_env()
@@ -89,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help / --version (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else USAGE
+        return exc.code if isinstance(exc.code, int) else _USAGE
     prog = f"dataflow {args.command}"
     try:
         module = importlib.import_module(f"dataflow._cli.{args.command}")
@@ -99,21 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"\n{prog}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+        return _INTERRUPTED
     except BrokenPipeError:  # `dataflow run ... | head`: the reader left; say nothing
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return FAILURE
+        return _FAILURE
     except UsageError as exc:
         if debug:
             raise
         print(f"{prog}: {describe(exc)}", file=sys.stderr)
-        return USAGE
+        return _USAGE
     except Exception as exc:
         if debug:
             raise
         print(f"{prog}: {describe(exc)}", file=sys.stderr)
-        return FAILURE
+        return _FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,8 +13,6 @@ import pytest
 import dataflow as df
 from dataflow.testing import ContractViolation, check_contracts, collect
 
-pytest_plugins = ["dataflow.testing_plugin"]
-
 
 def _chain() -> df.Graph:
     @df.encode

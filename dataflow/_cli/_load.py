@@ -28,6 +28,7 @@ __all__ = [
     "CommandFailed",
     "Loaded",
     "UsageError",
+    "describe",
     "load",
     "load_graph",
     "load_module",
@@ -164,3 +165,23 @@ def parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
         except ValueError:
             options[key] = raw
     return options
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a user: the error's kind where it helps, and its message."""
+    from .._errors import DataflowError
+
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, UsageError | CommandFailed | DataflowError) and text:
+        return text
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return f"no such file: {exc.filename}"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if isinstance(exc, TimeoutError) and not text:
+        return "timed out"
+    name = type(exc).__name__
+    return f"{name}: {text} (--debug shows the traceback)" if text else name

@@ -145,7 +145,7 @@ def _kw(method: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe(exc: BaseException) -> str:
-    from ..cli import describe
+    from ._load import describe
 
     return describe(exc)
 
