@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import dataflow as df
@@ -186,3 +187,33 @@ async def test_leaving_streams_early_many_times_always_stops_the_actors_generato
         async for token in engine.stream(98):
             assert token == 0  # the actor is free: a new stream starts at once
             break
+
+
+# -- batching over several lanes of one actor -----------------------------------------------
+async def test_lanes_of_one_batched_actor_take_turns_collecting(ray_cluster: Any) -> None:
+    def total(xs: list[int]) -> list[int]:
+        return [x * 2 for x in xs]
+
+    node = df.infer(
+        total,
+        name="total",
+        placement="ray",
+        batch=df.Batch(max_size=4, max_wait=5.0, collate="list"),
+        options={**FREE, "max_in_flight": 2},  # one actor, two lanes
+    )
+    async with df.Engine(df.Graph("turns", node)) as engine, anyio.create_task_group() as tg:
+        runner = engine._scheduler.runners["total"]  # type: ignore[union-attr]
+        results: list[int] = []
+
+        async def one(x: int) -> None:
+            results.append(await engine.run(x))
+
+        for i in range(4):
+            tg.start_soon(one, i)
+            # Items arrive one by one, each taken from the input before the next comes.
+            while runner.inbox.stats.items < i + 1 or len(runner.inbox):
+                await anyio.lowlevel.checkpoint()
+    # One lane collected the whole batch (taking turns), so it was full at once; lanes
+    # collecting side by side would each have waited max_wait for half a batch.
+    assert sorted(results) == [0, 2, 4, 6]
+    assert dict(runner.stats.batch_sizes) == {4: 1}
