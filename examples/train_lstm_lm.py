@@ -4,17 +4,25 @@ Usage::
 
     python examples/train_lstm_lm.py --minutes 4
 
-Writes fp16 weights (config and metrics in the safetensors metadata) to
-``graphs/weights/lstm_lm.safetensors`` and the loss curve to ``docs/training/lstm_lm.json``.
+Writes fp16 weights (config and metrics in the safetensors metadata) and the loss curve
+to a new pair of files, ``runs/lstm_lm-YYYYmmdd-HHMMSS.safetensors`` and ``.json``: the
+shipped weights are never overwritten unless named. To replace them::
+
+    python examples/train_lstm_lm.py --out graphs/weights/lstm_lm.safetensors \
+        --curve docs/training/lstm_lm.json
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 
 from graphs._lstm_model import KIND, LSTMConfig, LSTMLanguageModel, save_lstm_lm
 from graphs._training import TrainResult, parse_trainer_args, train_model
+
+# A new file per run: the shipped weights (graphs/weights/) change only when --out says so.
+RUN = time.strftime("runs/lstm_lm-%Y%m%d-%H%M%S", time.gmtime())
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         _add_model_args,
         minutes=4.0,
         lr=1e-2,
-        out="graphs/weights/lstm_lm.safetensors",
-        curve="docs/training/lstm_lm.json",
+        out=f"{RUN}.safetensors",
+        curve=f"{RUN}.json",
         eval_every=100,
     )
 

@@ -4,17 +4,25 @@ Usage::
 
     python examples/train_tiny_lm.py --minutes 5
 
-Writes fp16 weights (config and metrics in the safetensors metadata) to
-``graphs/weights/tiny_lm.safetensors`` and the loss curve to ``docs/training/tiny_lm.json``.
+Writes fp16 weights (config and metrics in the safetensors metadata) and the loss curve
+to a new pair of files, ``runs/tiny_lm-YYYYmmdd-HHMMSS.safetensors`` and ``.json``: the
+shipped weights are never overwritten unless named. To replace them::
+
+    python examples/train_tiny_lm.py --out graphs/weights/tiny_lm.safetensors \
+        --curve docs/training/tiny_lm.json
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 
 from graphs._tiny_lm_model import KIND, TinyLM, TinyLMConfig, save_tiny_lm
 from graphs._training import TrainResult, parse_trainer_args, train_model
+
+# A new file per run: the shipped weights (graphs/weights/) change only when --out says so.
+RUN = time.strftime("runs/tiny_lm-%Y%m%d-%H%M%S", time.gmtime())
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         _add_model_args,
         minutes=5.0,
         lr=3e-3,
-        out="graphs/weights/tiny_lm.safetensors",
-        curve="docs/training/tiny_lm.json",
+        out=f"{RUN}.safetensors",
+        curve=f"{RUN}.json",
         eval_every=100,
     )
 

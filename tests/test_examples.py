@@ -96,3 +96,13 @@ async def test_fastapi_app_streams_from_its_route(monkeypatch: pytest.MonkeyPatc
             assert resp.status_code == 500 and "echo" in resp.json()["detail"]
         stats = app.state.engine.stats()["requests"]
     assert stats["succeeded"] == 2 and stats["failed"] == 1
+
+
+@pytest.mark.parametrize("name", ["train_tiny_lm", "train_lstm_lm"])
+def test_training_scripts_never_overwrite_the_shipped_weights_by_default(name: str) -> None:
+    args = load_example(name).parse_args([])
+    for path in (args.out, args.curve):
+        assert str(path).startswith(f"runs/{name.removeprefix('train_')}-"), path
+        assert not path.exists()
+    told = load_example(name).parse_args(["--out", "graphs/weights/x.safetensors"])
+    assert str(told.out) == "graphs/weights/x.safetensors"
