@@ -5,6 +5,7 @@ Shares the session's Ray cluster and the :class:`Probe` with test_ray.py.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,6 +138,8 @@ async def test_a_compiled_chain_runs_as_one_graph_and_fails_at_the_node_that_rai
             await engine.run(12)
         assert [y async for y in engine.map(range(5))] == [2, 3, 4, 5, 6]  # it goes on
         stats = engine.stats()
+    # The chain's reader thread went with the engine.
+    assert not [t.name for t in threading.enumerate() if t.name.endswith(":ray-dag")]
     assert info.value.node == "middle"
     assert isinstance(info.value.__cause__, ValueError)
     assert stats["nodes"]["middle"]["failed"] == 1
