@@ -4,18 +4,24 @@ In one run, on one local Ray instance (2 CPUs, no dashboard):
 
 1. Per-item cost per hop of a 3-stage pass-through chain of ray-placed nodes, against a
    plain Ray actor chain (ObjectRefs passed actor to actor) and a Ray Compiled Graph of
-   the same shape; each as latency (one item at a time) and throughput (many in flight).
+   the same shape; each as latency (one item at a time) and throughput (many in flight);
+   dataflow both with actor calls (refs passed actor to actor) and with
+   ``options={"compiled": True}``. Each figure is the median of ``--repeats`` runs, all
+   in the same process, and the ratios (dataflow / Ray) go under keys containing
+   ``ratio``.
 2. Throughput of a CPU-bound node with 1 and with 2 actors (``num_cpus=1`` each).
 
 Prints tables and writes benchmarks/results/ray_scale.json.
 
-    python benchmarks/ray_scale.py [--items N] [--latency-items N] [--work-ms MS]
+    python benchmarks/ray_scale.py [--items N] [--latency-items N] [--repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -46,17 +52,19 @@ def burn(n: int) -> int:
 
 
 # -- 1. overhead ---------------------------------------------------------------------------
-def chain_graph(max_in_flight: int) -> df.Graph:
-    opts = {**FREE, "max_in_flight": max_in_flight}
+def chain_graph(max_in_flight: int, compiled: bool = False) -> df.Graph:
+    opts = {**FREE, "max_in_flight": max_in_flight, "compiled": compiled}
     nodes = [
         df.map(passthrough, name=f"s{i}", placement="ray", options=opts) for i in range(STAGES)
     ]
     return df.Graph("ray-chain", nodes[0] >> nodes[1] >> nodes[2])
 
 
-async def engine_chain(items: int, latency_items: int, max_in_flight: int) -> tuple[float, float]:
+async def engine_chain(
+    items: int, latency_items: int, max_in_flight: int, compiled: bool = False
+) -> tuple[float, float]:
     """(latency s/item, throughput s/item) of the engine over ray-placed nodes."""
-    async with df.Engine(chain_graph(max_in_flight)) as engine:
+    async with df.Engine(chain_graph(max_in_flight, compiled)) as engine:
         await engine.run(0)  # warm: actors up, code paths hot
         start = time.perf_counter()
         for i in range(latency_items):
@@ -164,35 +172,73 @@ def calibrate(ms: float) -> int:
     return max(1, int(n * ms / 1e3 / (time.perf_counter() - start)))
 
 
+def median_of(repeats: int, run: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+    """Median (latency, throughput) of ``repeats`` runs."""
+    runs = [run() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--latency-items", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-ms", type=float, default=20.0)
     parser.add_argument("--scale-items", type=int, default=60)
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     us = 1e6 / STAGES
     rows: list[list[str]] = []
-    results: dict[str, Any] = {"stages": STAGES, "items": args.items}
+    results: dict[str, Any] = {"stages": STAGES, "items": args.items, "repeats": args.repeats}
+    n, lat_n, reps = args.items, args.latency_items, args.repeats
 
-    def record(name: str, latency: float, throughput: float) -> None:
+    def record(name: str, figures: tuple[float, float]) -> tuple[float, float]:
+        latency, throughput = figures
         results[name] = {"latency_us_per_hop": latency * us, "us_per_item_per_hop": throughput * us}
         rows.append([name, f"{latency * us:.0f}", f"{throughput * us:.0f}"])
+        return figures
 
-    record("plain actor chain", *plain_chain(args.items, args.latency_items))
+    def engine(backend: str, k: int, compiled: bool = False) -> tuple[float, float]:
+        return anyio.run(engine_chain, n, lat_n, k, compiled, backend=backend)
+
+    plain = record("plain actor chain", median_of(reps, lambda: plain_chain(n, lat_n)))
+    compiled: tuple[float, float] | None = None
     try:
-        record("compiled graph (8 in flight)", *compiled_chain(args.items, args.latency_items, 8))
+        compiled = record(
+            "compiled graph (4 in flight)", median_of(reps, lambda: compiled_chain(n, lat_n, 4))
+        )
     except Exception as exc:  # Compiled Graphs are experimental: report, do not fail
         rows.append(["compiled graph", "n/a", f"n/a ({type(exc).__name__})"])
+    best: dict[str, tuple[float, float]] = {}
     for backend in ("asyncio", "trio"):
         for k in (1, 2, 4):
-            latency, throughput = anyio.run(
-                engine_chain, args.items, args.latency_items, k, backend=backend
+            figures = record(
+                f"dataflow {backend}, max_in_flight={k}",
+                median_of(reps, lambda b=backend, k=k: engine(b, k)),  # type: ignore[misc]
             )
-            record(f"dataflow {backend}, max_in_flight={k}", latency, throughput)
+            if backend == "asyncio":
+                best[f"max_in_flight={k}"] = figures
+        if compiled is not None:
+            best[f"compiled {backend}"] = record(
+                f"dataflow {backend}, compiled, max_in_flight=4",
+                median_of(reps, lambda b=backend: engine(b, 4, True)),  # type: ignore[misc]
+            )
     print(f"{STAGES}-stage pass-through chain, small items (µs per item per hop)")
     print(table(["chain", "latency", "throughput"], rows))
+    # Ratios: dataflow's best actor-call setting (asyncio) against the plain chain, and
+    # compiled dataflow against the Ray Compiled Graph; < 1.0 is faster than Ray.
+    calls = [v for key, v in best.items() if key.startswith("max_in_flight")]
+    ratios = {
+        "throughput_ratio_vs_plain_chain": min(t for _, t in calls) / plain[1],
+        "latency_ratio_vs_plain_chain": min(lt for lt, _ in calls) / plain[0],
+    }
+    if compiled is not None:
+        for backend in ("asyncio", "trio"):
+            lt, t = best[f"compiled {backend}"]
+            ratios[f"compiled_{backend}_throughput_ratio_vs_ray_compiled"] = t / compiled[1]
+            ratios[f"compiled_{backend}_latency_ratio_vs_ray_compiled"] = lt / compiled[0]
+    results["ratios"] = ratios
+    print(table(["ratio", "value"], [[k, f"{v:.2f}x"] for k, v in ratios.items()]))
 
     work = calibrate(args.work_ms)
     scale_rows: list[list[str]] = []
