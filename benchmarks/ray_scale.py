@@ -214,14 +214,14 @@ def main() -> None:
         for k in (1, 2, 4):
             figures = record(
                 f"dataflow {backend}, max_in_flight={k}",
-                median_of(reps, lambda b=backend, k=k: engine(b, k)),  # type: ignore[misc]
+                median_of(reps, lambda b=backend, k=k: engine(b, k)),
             )
             if backend == "asyncio":
                 best[f"max_in_flight={k}"] = figures
         if compiled is not None:
             best[f"compiled {backend}"] = record(
                 f"dataflow {backend}, compiled, max_in_flight=4",
-                median_of(reps, lambda b=backend: engine(b, 4, True)),  # type: ignore[misc]
+                median_of(reps, lambda b=backend: engine(b, 4, True)),
             )
     print(f"{STAGES}-stage pass-through chain, small items (µs per item per hop)")
     print(table(["chain", "latency", "throughput"], rows))
