@@ -30,3 +30,11 @@ def test_readme_example_runs_as_written(tmp_path: Path) -> None:
     # "def main(" streamed char by char (mean 88.44), then map's first result ("a": 97)
     assert lines[1] == "8 8 . 4 4 ['9', '7', '.', '0', '0']"
     assert "'submitted': 5" in lines[-1] and "'succeeded': 5" in lines[-1]
+
+
+def test_readme_example_heading_states_its_true_length() -> None:
+    text = (ROOT / "README.md").read_text()
+    heading = re.search(r"^## (\w[\w-]*) lines\n\n```python\n", text, re.M)
+    assert heading, "the example's heading says how many lines it is"
+    words = {"fifteen": 15, "twenty": 20, "thirty-three": 33}
+    assert words[heading.group(1).lower()] == len(_first_python_block().splitlines())

@@ -79,10 +79,11 @@ def load_module(spec: str) -> ModuleType:
             raise UsageError(f"cannot import {where}: not a Python file")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
-        # The file's own directory is importable, as when running it as a script.
+        # The file's own directory is importable (its helper modules), as when running it
+        # as a script; appended, so that it never shadows an installed module.
         folder = str(path.resolve().parent)
         if folder not in sys.path:
-            sys.path.insert(0, folder)
+            sys.path.append(folder)
         module_spec.loader.exec_module(module)
         return module
     try:
