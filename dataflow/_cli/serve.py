@@ -8,12 +8,8 @@ once."""
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import socket
 import sys
-from types import FrameType
-from typing import Any
 
 __all__ = ["add_parser", "main"]
 
@@ -56,20 +52,6 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
-def _server_class(base: type[Any]) -> type[Any]:
-    """uvicorn's server, but a second Ctrl-C exits the process at once (uvicorn would
-    still wait for the app's lifespan shutdown)."""
-
-    class Server(base):  # type: ignore[misc]
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                print("second Ctrl-C: exiting now", file=sys.stderr, flush=True)
-                os._exit(130)
-            super().handle_exit(sig, frame)
-
-    return Server
-
-
 def main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -83,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     from ..serve._auth import key_from_env
+    from ..serve._shutdown import server
     from ._load import CommandFailed, load_graph, parse_options
 
     if not args.grace >= 0:
@@ -116,13 +99,11 @@ def main(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     names = ", ".join(g.name for g in graphs)
     print(f"serving {names} on http://{host}:{port}", flush=True)
-    config = uvicorn.Config(
-        app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=args.grace
-    )
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
     with sock:
         try:
-            _server_class(uvicorn.Server)(config).run(sockets=[sock])
+            server(config, app.state.serve.requests, args.grace).run(sockets=[sock])
         except KeyboardInterrupt:
-            # uvicorn shuts down gracefully (engines drained), then re-raises Ctrl-C.
+            # a Ctrl-C before the server started
             pass
     return 0

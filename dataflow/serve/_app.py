@@ -36,6 +36,7 @@ from ._models import Model
 from ._openai import EmbeddingRequest, ModelInfo, RunRequest, parse_embedding, parse_run
 from ._sequences import run_all
 from ._shapes import embedding_response, to_jsonable
+from ._shutdown import Cancellable
 
 __all__ = ["Model", "ServeApp", "create_app"]
 
@@ -64,6 +65,7 @@ class ServeApp:
         self.api_key = api_key
         self.registry = new_registry([m.engine for m in models.values()])
         self.metrics = ModelMetrics(self.registry, models)
+        self.requests = Cancellable()  # what a graceful shutdown ends after its grace
 
     # -- plumbing ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -166,6 +168,15 @@ class ServeApp:
     def fail(self, exc: BaseException, model: Model) -> ApiError:
         return from_exception(exc, model=model.name, retry_after=model.drain.retry_after())
 
+    @staticmethod
+    def cut() -> ApiError:
+        """The answer to a request ended by a shutdown's grace running out."""
+        return ApiError(
+            503,
+            "the server is shutting down; the request was ended after its grace period",
+            code="shutting_down",
+        )
+
     def error_response(self, err: ApiError) -> Response:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -252,9 +263,13 @@ class ServeApp:
         sse = SSEWriter(send)
         try:
             stream = model.engine.stream(req.input, timeout=timeout, wait=False, params=req.params)
-            async with stream:
-                async for out in stream:
-                    await sse.event({"output": to_jsonable(out)})
+            with self.requests.scope() as scope:
+                async with stream:
+                    async for out in stream:
+                        await sse.event({"output": to_jsonable(out)})
+            if scope.cancelled_caught:
+                await sse.fail(self.cut())
+                return
         except TypeError as exc:
             await sse.fail(ApiError(500, f"model {model.name!r}: output {exc}", code="output"))
             return

@@ -101,8 +101,14 @@ class Job:
             completion_tokens=counts["completion_tokens"],
         )
 
+    async def _run_cancellable(self, emit: Any) -> BaseException | None:
+        with self.state.requests.scope() as scope:
+            return await self._run(emit)
+        assert scope.cancelled_caught
+        return self.state.cut()  # a shutdown's grace ran out
+
     async def complete(self, send: Send) -> None:
-        error = await self._run(self.out.collect)
+        error = await self._run_cancellable(self.out.collect)
         if error is not None:
             await send_error(send, self.state.fail(error, self.model))
             return
@@ -149,7 +155,7 @@ class Job:
                 async with lock:
                     await sse.raw(data)
 
-        error = await self._run(emit)
+        error = await self._run_cancellable(emit)
         if error is not None:
             await sse.fail(self.state.fail(error, self.model))
             return

@@ -62,9 +62,9 @@ class DrainRate:
         done = self._ended() - ended0
         return done / span if span > 0.05 and done > 0 else 0.0
 
-    def retry_after(self) -> float:
+    def retry_after(self, now: float | None = None) -> float:
         """Seconds a rejected client should wait (at least 0.05, at most 60)."""
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         rejected = self._rejected
         rejected.append(now)
         while rejected and now - rejected[0] > 1.0:
