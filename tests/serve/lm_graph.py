@@ -2,7 +2,8 @@
 toy step model that spells the alphabet.
 
 After a letter the likeliest next byte is the following letter (``a`` -> ``b``), after
-``z`` it is ``\\n``, the end-of-sequence token; anything else leads to ``a``. Greedy
+``z`` it is ``\\n``, the end-of-sequence token; after ``#`` it is ``é`` again and again
+(two byte tokens each); anything else leads to ``a``. Greedy
 (``temperature: 0``) output is therefore predictable: ``"w"`` continues ``"xyz"`` and
 stops. With sampling, other bytes are likely too, so outputs differ from seed to seed
 but not between runs of one seed.
@@ -19,6 +20,7 @@ import dataflow as df
 __all__ = ["CHAT_TEMPLATE", "build"]
 
 EOS = ord("\n")
+ACCENT = {ord("#"): 0xC3, 0xC3: 0xA9, 0xA9: 0xC3}  # after "#": "éééé..."
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
 )
@@ -33,7 +35,9 @@ class Alphabet:
     @staticmethod
     def _logits(last: int) -> torch.Tensor:
         row = torch.zeros(256)
-        if ord("a") <= last < ord("z"):
+        if last in ACCENT:  # "é" is two bytes, two tokens: c3 a9
+            row[ACCENT[last]] = 9.0
+        elif ord("a") <= last < ord("z"):
             row[last + 1] = 6.0
         elif last == ord("z"):
             row[EOS] = 6.0

@@ -190,3 +190,18 @@ async def test_models_list_and_retrieve(serve: Any, alpha: ModuleType) -> None:
         assert card.id == "alpha" and card.object == "model"
         with pytest.raises(openai.NotFoundError):
             await oai.models.retrieve("nope")
+
+
+async def test_usage_counts_tokens_not_chunks(serve: Any, alpha: ModuleType) -> None:
+    """'éééé' is 8 byte tokens in 4 text chunks: usage says 8 (it said 4)."""
+    async with serve(create_app(alpha.build())) as server, client(server) as oai:
+        done = await oai.completions.create(model="alpha", prompt="#", temperature=0, max_tokens=8)
+        assert done.choices[0].text == "éééé" and done.choices[0].finish_reason == "length"
+        assert done.usage is not None and done.usage.completion_tokens == 8
+        stream = await oai.completions.create(
+            model="alpha", prompt="#", temperature=0, max_tokens=8, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == "éééé"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8

@@ -44,3 +44,16 @@ async def test_openai_client_against_tiny_lm(serve: Any) -> None:
             )
             text = "".join([c.choices[0].text async for c in stream if c.choices])
             assert text == choice.text  # same seed, same tokens, streamed or not
+            # byte tokens: at least as many as the text's UTF-8 bytes (EOS counts too)
+            assert done.usage.completion_tokens >= len(choice.text.encode("utf-8"))
+            # chat through the graph's chat template
+            chat = await oai.chat.completions.create(
+                model="tiny_lm",
+                messages=[{"role": "user", "content": "def main("}],
+                max_tokens=6,
+                seed=1,
+                n=2,
+            )
+            assert len(chat.choices) == 2 and chat.usage is not None
+            assert chat.usage.prompt_tokens == len(b"user: def main(\nassistant: ")
+            assert all(c.finish_reason in ("stop", "length") for c in chat.choices)
