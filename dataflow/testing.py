@@ -91,7 +91,7 @@ class Report:
     early_exits: int = 0
     cancelled: int = 0
     timed_out: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _threads() -> set[threading.Thread]:

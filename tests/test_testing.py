@@ -76,6 +76,25 @@ def test_sound_graphs_pass() -> None:
             assert r.stats["requests"]["in_flight"] == 0
 
 
+def test_the_shipped_graphs_keep_the_contracts() -> None:
+    from dataflow._cli._load import load
+
+    demo = load("graphs/pipeline_demo.py")
+    check_contracts(demo.graph, demo.example_inputs, seed=1, requests=32)
+
+
+@pytest.mark.slow
+def test_the_tiny_lm_keeps_the_contracts() -> None:
+    lm = load_tiny_lm_graph()
+    check_contracts(lm, ["def ", "import "], seed=2, requests=16, params={"max_new_tokens": 4})
+
+
+def load_tiny_lm_graph() -> df.Graph:
+    from graphs.tiny_lm import build
+
+    return build()
+
+
 def test_failing_requests_are_fine() -> None:
     @df.map
     def odd_only(x: int) -> int:
