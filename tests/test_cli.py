@@ -179,6 +179,11 @@ def test_a_failing_request_exits_1_and_names_its_input(graph_file: str) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_an_invalid_prompt_is_one_line() -> None:
+    line = one_line_error(cli("run", "graphs/tiny_lm.py", "--prompt", "", "--max-tokens", "4"), 1)
+    assert line.startswith("dataflow run: ") and "empty" in line
+
+
 def test_ctrl_c_exits_130_without_a_traceback(plain_file: str) -> None:
     with subprocess.Popen(
         [sys.executable, "-m", "dataflow.cli", "run", f"{plain_file}:hang", "-i", "x"],
