@@ -242,7 +242,8 @@ async def _streams(engine: Any, inputs: list[Any], args: Any, params: dict[str, 
                 print(text, end="" if is_text else "\n", flush=True)
         except Exception as exc:
             failed += 1
-            print(flush=True)
+            if echo or p.first is not None:
+                print(flush=True)  # end the partial text's line
             where = "" if len(inputs) == 1 else f"input {index} ({x!r}): "
             _err(f"dataflow run: {where}{_describe(exc)}")
             continue
