@@ -211,7 +211,7 @@ def main() -> None:
         rows.append(["compiled graph", "n/a", f"n/a ({type(exc).__name__})"])
     best: dict[str, tuple[float, float]] = {}
     for backend in ("asyncio", "trio"):
-        for k in (1, 2, 4):
+        for k in (1, 2, 4, 8):
             figures = record(
                 f"dataflow {backend}, max_in_flight={k}",
                 median_of(reps, lambda b=backend, k=k: engine(b, k)),
