@@ -442,7 +442,8 @@ def create_app(
                 allow_headers=["authorization", "content-type"],
             )
         )
-    middleware.append(Middleware(ApiKeyAuth, api_key=api_key))
+    if api_key is not None:
+        middleware.append(Middleware(ApiKeyAuth, api_key=api_key))
     app = Starlette(
         routes=routes,
         lifespan=state.lifespan,

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import sniffio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -96,6 +97,18 @@ class WatchedResponse(Response):
         self._handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if sniffio.current_async_library() == "asyncio":
+            # The watcher as a bare asyncio task, cancelled by ``Task.cancel()`` at the end:
+            # a task group's cancellation costs more than a small request itself.
+            import asyncio
+
+            with anyio.CancelScope() as handler_scope:
+                watcher = asyncio.ensure_future(_watch(receive, handler_scope))
+                try:
+                    await self._handler(send)
+                finally:
+                    watcher.cancel()
+            return
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch, receive, tg.cancel_scope)
             try:

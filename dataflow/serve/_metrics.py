@@ -10,6 +10,7 @@ A small ASGI middleware counts every response, a 500 from an unhandled error inc
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -139,6 +140,8 @@ class HttpMetrics:
             ["route", "status"],
             registry=registry,
         )
+        self._responses: dict[tuple[str, int], Any] = {}
+        self._requests: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,10 +151,19 @@ class HttpMetrics:
         started = False
 
         def count(status: int) -> None:
-            self.responses.labels(route, str(status)).inc()
+            # Label lookups cost more than the increments: children are cached.
+            key = (route, status)
+            child = self._responses.get(key)
+            if child is None:
+                child = self._responses[key] = self.responses.labels(route, str(status))
+            child.inc()
             model = scope.get("state", {}).get(_MODEL_KEY)
             if model is not None:
-                self.models.requests.labels(self.models.label(model), str(status)).inc()
+                mkey = (self.models.label(model), status)
+                child = self._requests.get(mkey)
+                if child is None:
+                    child = self._requests[mkey] = self.models.requests.labels(mkey[0], str(status))
+                child.inc()
 
         async def counting_send(message: Message) -> None:
             nonlocal started
