@@ -179,11 +179,11 @@ async def _drive(
     requests: int,
     concurrency: int,
     params: dict[str, Any],
-    grace: float,
+    options: dict[str, Any],
     fail: Any,
 ) -> None:
     tasks_before = _tasks()
-    engine = Engine(graph, grace=grace)
+    engine = Engine(graph, **options)
     samples: list[dict[str, Any]] = []
     try:
         async with engine:
@@ -244,11 +244,11 @@ async def _drive(
         fail("no task outlives the engine", f"tasks still running: {sorted(map(_name, left))}")
 
 
-async def _warm_up(graph: Graph, x: Any, params: dict[str, Any], grace: float) -> None:
+async def _warm_up(graph: Graph, x: Any, params: dict[str, Any], options: dict[str, Any]) -> None:
     """One request through a first engine: what loads lazily once (a library's thread
     pool, a model file) is not mistaken for a leak of the measured run."""
-    with anyio.move_on_after(grace):
-        async with Engine(graph, grace=grace) as engine:
+    with anyio.move_on_after(options["grace"]):
+        async with Engine(graph, **options) as engine:
             try:
                 await engine.run(x, **_params_kw(engine.run, params))
             except Exception:
@@ -268,6 +268,7 @@ def check_contracts(
     params: dict[str, Any] | None = None,
     grace: float = 2.0,
     time_limit: float = 60.0,
+    engine_options: dict[str, Any] | None = None,
 ) -> list[Report]:
     """Drive ``graph`` hard and assert the engine's contracts held; one report per backend.
 
@@ -279,7 +280,8 @@ def check_contracts(
     the run created is left; no edge ever held more than its capacity; the engine closed
     within ``grace`` seconds of its last request and the whole run within ``time_limit``
     (each backend's run has its own thread, so a body that never ends is reported, not
-    waited for).
+    waited for). ``engine_options`` go to ``Engine(graph, ...)`` (``max_in_flight``,
+    ``stream_buffer``, ``inline``, ...).
 
     Raises:
         ContractViolation: a contract broke; the message names it, the backend and seed.
@@ -287,6 +289,7 @@ def check_contracts(
     items = list(inputs)
     if not items:
         raise ValueError("check_contracts needs at least one input")
+    options = {**(engine_options or {}), "grace": grace}
     kinds = ["complete", "complete"]
     if cancellations:
         kinds += ["early_exit", "cancel"]
@@ -302,7 +305,7 @@ def check_contracts(
 
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always", ResourceWarning)
-            warm = _bounded(_warm_up, (graph, items[0], dict(params or {}), grace), backend)
+            warm = _bounded(_warm_up, (graph, items[0], dict(params or {}), options), backend)
             warm.join(time_limit)  # what goes wrong here, the measured run reports
             if warm.is_alive():
                 _stuck(fail, time_limit, grace)
@@ -311,7 +314,7 @@ def check_contracts(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             args = (graph, items, rng, report, kinds, requests, max(1, concurrency))
-            runner = _bounded(_drive, (*args, dict(params or {}), grace, fail), backend)
+            runner = _bounded(_drive, (*args, dict(params or {}), options, fail), backend)
             runner.join(time_limit)
             if runner.is_alive():
                 _stuck(fail, time_limit, grace)

@@ -81,6 +81,8 @@ def test_the_shipped_graphs_keep_the_contracts() -> None:
 
     demo = load("graphs/pipeline_demo.py")
     check_contracts(demo.graph, demo.example_inputs, seed=1, requests=32)
+    options = {"max_in_flight": 2, "inline": False}
+    check_contracts(demo.graph, demo.example_inputs, seed=4, engine_options=options)
 
 
 @pytest.mark.slow
