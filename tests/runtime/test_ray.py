@@ -360,6 +360,11 @@ async def test_an_actor_the_cluster_cannot_place_fails_start_clearly(ray_cluster
         ({"resources": {"TPU": -1}}, "'resources'"),
         ({"start_timeout": 0}, "'start_timeout' must be > 0"),
         ({"runtime_env": "."}, "'runtime_env' must be a dict"),
+        ({"label_selector": {"zone": 1}}, "'label_selector' must map label names to strings"),
+        ({"accelerator_type": 100}, "'accelerator_type' must be a string"),
+        ({"node": ""}, "'node' must be a Ray node id"),
+        ({"soft": True}, "'soft' only applies together with 'node'"),
+        ({"node": "ab", "soft": "yes"}, "'soft' must be True or False"),
     ],
 )
 async def test_invalid_ray_options_are_a_graph_error(options: dict[str, Any], match: str) -> None:

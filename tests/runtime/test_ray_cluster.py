@@ -17,7 +17,7 @@ import dataflow as df
 ray = pytest.importorskip("ray", reason="Ray placement needs the ray extra")
 from dataflow.runtime.executors._ray import ActorLost  # noqa: E402  (needs ray)
 from tests.runtime import test_ray as base  # noqa: E402  (needs ray)
-from tests.runtime.test_ray import HEAD, get  # noqa: E402
+from tests.runtime.test_ray import get  # noqa: E402
 
 ray_cluster = base.ray_cluster  # the session's cluster (fixture)
 probe = base.probe  # fixture
@@ -35,20 +35,26 @@ def shift(x: int) -> int:
     return x + 1
 
 
-def pinned(placement: str, hold: Any = None) -> df.Graph:
-    """scale on the side node, shift on the head; (node ids are recorded by the probe)."""
+def pinned(placement: str, hold: Any = None, probe: Any = None) -> df.Graph:
+    """scale on the side node, shift on the head (ray-placed: the probe records where)."""
 
     def where(x: int) -> int:
         return scale(x)
 
+    def where_am_i(x: int) -> int:
+        if probe is not None:
+            ray.get(probe.set.remote("shift-at", ray.get_runtime_context().get_node_id()))
+        return shift(x)
+
     on_side = {"num_cpus": 0, "resources": SIDE, "max_restarts": 1, "start_timeout": 60}
-    on_head = {"num_cpus": 0, "resources": HEAD}
+    # The driver runs on the head node: pin the second stage there by node affinity.
+    on_head = {"num_cpus": 0, "node": ray.get_runtime_context().get_node_id()}
     if placement != "ray":
         on_side = on_head = {}
     body = hold if hold is not None else where
     g = df.Graph(f"pinned-{placement}")
     first = g.add(df.map(body, name="scale", placement=placement, options=on_side))
-    g.add(df.map(shift, name="shift", placement=placement, options=on_head), first)
+    g.add(df.map(where_am_i, name="shift", placement=placement, options=on_head), first)
     return g
 
 
@@ -70,9 +76,11 @@ async def test_stages_pinned_to_nodes_match_in_process_and_survive_losing_a_node
                 ray.get(probe.wait.remote("never"))
             return scale(x)
 
-        async with df.Engine(pinned("ray", hold)) as engine:
+        async with df.Engine(pinned("ray", hold, probe)) as engine:
             assert [y async for y in engine.map(inputs)] == expected
-            assert await get(probe.wait.remote("at-0")) == side.node_id
+            assert await get(probe.wait.remote("at-0")) == side.node_id  # by resources
+            head = ray.get_runtime_context().get_node_id()
+            assert await get(probe.wait.remote("shift-at")) == head  # by node affinity
 
             async def lose_the_node() -> None:
                 await get(probe.wait.remote("at--1"))  # the item is in the side actor
