@@ -240,6 +240,8 @@ async def _streams(engine: Any, inputs: list[Any], args: Any, params: dict[str, 
                 text = p.add(out)
                 is_text = isinstance(out, str) or hasattr(out, "finish_reason")
                 print(text, end="" if is_text else "\n", flush=True)
+        except BrokenPipeError:
+            raise  # the reader of stdout left (`| head`): stop, quietly
         except Exception as exc:
             failed += 1
             if echo or p.first is not None:
