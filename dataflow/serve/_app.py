@@ -213,7 +213,10 @@ class ServeApp:
 
         # One request per input: dynamic batching inside the graph joins them with other
         # clients' inputs.
-        error = await run_all(len(req.inputs), one, self.window(model))
+        with self.requests.scope() as scope:
+            error = await run_all(len(req.inputs), one, self.window(model))
+        if scope.cancelled_caught:
+            error = self.cut()
         if error is not None:
             await send_error(send, self.fail(error, model))
             return
@@ -244,9 +247,13 @@ class ServeApp:
         self, model: Model, req: RunRequest, timeout: float | None, send: Send
     ) -> None:
         try:
-            result = await model.engine.run(
-                req.input, timeout=timeout, wait=False, params=req.params
-            )
+            with self.requests.scope() as scope:
+                result = await model.engine.run(
+                    req.input, timeout=timeout, wait=False, params=req.params
+                )
+            if scope.cancelled_caught:
+                await send_error(send, self.cut())
+                return
             body = {"output": to_jsonable(result)}
         except TypeError as exc:
             err = ApiError(500, f"model {model.name!r}: output {exc}", code="output")
