@@ -7,6 +7,9 @@ with ``NodeError``; a replacement node takes the restarted actor.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -101,3 +104,18 @@ async def test_stages_pinned_to_nodes_match_in_process_and_survive_losing_a_node
     finally:
         if side in cluster.list_all_nodes():
             cluster.remove_node(side)
+
+
+def test_the_ray_cluster_example_runs_on_a_cluster(ray_cluster: Any) -> None:
+    """examples/ray_cluster.py, as written, joining this session's cluster."""
+    assert ray_cluster is not None, "the session's Ray was not started by the test fixture"
+    example = Path(__file__).resolve().parents[2] / "examples" / "ray_cluster.py"
+    run = subprocess.run(
+        [sys.executable, str(example), "--address", ray_cluster.address, "-n", "20"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "20 requests in" in run.stdout
+    assert "describe   items_out=63" in run.stdout  # 21 requests x 3 words
