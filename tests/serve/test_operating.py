@@ -206,14 +206,14 @@ async def test_shutdown_grace_lets_short_streams_finish_then_ends_the_rest(
     assert 0.4 <= elapsed < 5, elapsed
 
 
-def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+def _serve(*args: str, key: str = "") -> tuple[subprocess.Popen[str], str]:
     cmd = [sys.executable, "-m", "dataflow.cli", "serve", SLOW, "--port", "0", *args]
     proc = subprocess.Popen(
         [*cmd, "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "DATAFLOW_API_KEY": ""},
+        env={**os.environ, "DATAFLOW_API_KEY": key},
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -272,3 +272,17 @@ def test_second_ctrl_c_exits_at_once() -> None:
         proc.kill()
     assert proc.returncode == 130 and elapsed < 5, err
     assert "Traceback" not in err
+
+
+def test_api_key_from_the_environment() -> None:
+    proc, url = _serve(key="from-env")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/healthz").status_code == 200
+            assert http.get("/v1/models").status_code == 401
+            ok = http.get("/v1/models", headers={"authorization": "Bearer from-env"})
+            assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "slow"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
