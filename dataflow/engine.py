@@ -46,9 +46,10 @@ __all__ = ["Engine", "EngineState"]
 class _Ticket:
     """A request's place in the admission queue."""
 
-    __slots__ = ("granted", "waiters")
+    __slots__ = ("granted", "req", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, req: Request) -> None:
+        self.req = req
         self.granted = False
         self.waiters: deque[Any] = deque()
 
@@ -445,12 +446,12 @@ class Engine:
 
     async def _admit(self, req: Request) -> bool:
         """Wait, first come first served, for one of the ``max_in_flight`` places; True
-        once it is granted (counted in ``_admitted``), False if ``req`` ended first. The
-        request counts as submitted while it waits, so a deadline that expires here is a
-        timed-out request like any other."""
+        once it is granted (then ``req.admitted``: its end gives the place back), False if
+        ``req`` ended first. The request counts as submitted while it waits, so a
+        deadline that expires here is a timed-out request like any other."""
         backend = self._backend
         assert backend is not None
-        ticket = _Ticket()
+        ticket = _Ticket(req)
         self._admission.append(ticket)
         handle = req.own(lambda: backend.wake_all(ticket.waiters))
         remaining = None if req.deadline == math.inf else req.deadline - backend.time()
@@ -459,36 +460,38 @@ class Engine:
                 while not ticket.granted and not req.done:
                     await backend.park(ticket.waiters)
         except BaseException as exc:
-            if ticket.granted:
-                req.admitted = True  # given back by its end, just below
-            else:
-                self._admission.remove(ticket)
+            self._leave_queue(ticket)
             req.cancel(exc if isinstance(exc, TimeoutError) else None)
             if not isinstance(exc, TimeoutError):
                 raise
             return False
         finally:
             req.disown(handle)
+        self._leave_queue(ticket)
+        return ticket.granted and not req.done
+
+    def _leave_queue(self, ticket: _Ticket) -> None:
         if not ticket.granted:
-            self._admission.remove(ticket)
-            return False
-        req.admitted = True  # the place is the request's now: its end gives it back
-        if req.done:
-            self._admitted -= 1
-            self._grant()
-            return False
-        return True
+            try:
+                self._admission.remove(ticket)
+            except ValueError:
+                pass  # already taken off by _grant
 
     def _grant(self) -> None:
-        """Hand free places to the longest waiting requests."""
+        """Hand free places to the longest waiting requests (skipping ended ones)."""
         limit = self.max_in_flight
         queue = self._admission
+        backend = self._backend
+        assert backend is not None
         while queue and limit is not None and self._admitted < limit:
             ticket = queue.popleft()
+            if ticket.req.done:
+                backend.wake_all(ticket.waiters)
+                continue
             ticket.granted = True
+            ticket.req.admitted = True  # its end gives the place back
             self._admitted += 1
-            assert self._backend is not None
-            self._backend.wake(ticket.waiters)
+            backend.wake(ticket.waiters)
 
     def _outcome(self, req: Request) -> Any:
         if req.state == SUCCEEDED:

@@ -274,19 +274,66 @@ class Request:
 
 
 class Sink:
-    """The graph's exit: hands the sink node's outputs to their requests."""
+    """The graph's exit: hands the sink node's outputs to their requests.
 
-    __slots__ = ()
+    A stream whose reader is behind (its buffer full) does not hold up the exit for
+    other requests: its outputs wait in a queue of its own, handed over in order by a
+    task of its own (in the engine's task group, :attr:`tg`) as the reader makes room.
+    What waits there is bounded because producers of a stream wait for its reader
+    before producing more (generators: ``NodeRunner._pump``): at most what was already
+    on its way to the exit.
+    """
+
+    __slots__ = ("_late", "tg")
+
+    def __init__(self) -> None:
+        self.tg: Any = None
+        self._late: dict[Request, deque[Item]] = {}
 
     def put_nowait(self, item: Item) -> bool:
-        """Deliver ``item``; False (not delivered) if its stream's buffer is full."""
-        return item.req.deliver(item.value)
+        """Deliver ``item``; False (not delivered) if its stream's buffer is full and
+        there is no task group to wait in."""
+        req = item.req
+        late = self._late
+        if late and req in late:
+            late[req].append(item)  # behind that request's earlier outputs
+            return True
+        if req.deliver(item.value):
+            return True
+        if self.tg is None:
+            return False
+        queue = late[req] = deque((item,))
+        self.tg.start_soon(self._deliver_late, req, queue)
+        return True
 
     async def send(self, item: Item) -> None:
-        """Deliver ``item``, waiting for room in its stream's buffer."""
+        """Deliver ``item``, waiting for room in its stream's buffer if need be."""
+        if self.put_nowait(item):
+            return
         req = item.req
         while not req.deliver(item.value):
             await req.wait_room()
+
+    def late(self) -> int:
+        """Outputs waiting for slow readers (for tests and stats)."""
+        return sum(len(q) for q in self._late.values())
+
+    async def _deliver_late(self, req: Request, queue: deque[Item]) -> None:
+        import anyio
+
+        try:
+            with anyio.CancelScope() as scope:
+                handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
+                try:
+                    while queue:
+                        item = queue[0]
+                        while not req.deliver(item.value):
+                            await req.wait_room()
+                        queue.popleft()
+                finally:
+                    req.disown(handle)
+        finally:
+            del self._late[req]  # what is left belongs to a request that ended
 
 
 class Deadlines:

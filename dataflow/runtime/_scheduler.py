@@ -100,6 +100,7 @@ class Scheduler:
         for runner in self.runners.values():
             if self.inline:
                 runner.enable_inline()
+        self.sink.tg = tg
         for runner in self.runners.values():
             runner.tg = tg
             for index in range(runner.worker_count()):
@@ -132,6 +133,8 @@ class Scheduler:
 
     def items_inside(self) -> int:
         """Items held by the graph right now (in channels and merges), for tests and stats."""
-        return sum(len(ch) for ch in self.inboxes.values()) + sum(
-            r.pending_parts() for r in self.runners.values()
+        return (
+            sum(len(ch) for ch in self.inboxes.values())
+            + sum(r.pending_parts() for r in self.runners.values())
+            + self.sink.late()
         )

@@ -145,7 +145,6 @@ class NodeRunner:
         # The engine's task group: a generator at the exit whose stream's reader is slow
         # goes on in a task of its own there, so this node's workers move on.
         self.tg: Any = None
-        self._to_sink = len(outputs) == 1 and type(outputs[0][0]) is Sink
         self.detached = 0  # generators going on in their own task now
         self.ray_hints: dict[str, Any] = {}  # set by the scheduler for Ray nodes (plan_ray)
 
@@ -589,10 +588,13 @@ class NodeRunner:
         outs: Any,
         collect: _Slot | None,
         i: int,
+        detached: bool = False,
     ) -> bool:
         """Emit a generator's outputs; True if it was handed to a task of its own
-        because its stream's reader is slow (a generator at the graph's exit)."""
-        detach = self._to_sink and req.streaming and collect is None and self.tg is not None
+        because its stream's reader is behind. A generator for a stream whose buffer is
+        full waits for its reader (in that task, so this node's workers move on): what a
+        stream holds is its buffer plus what was already on its way to the exit."""
+        detach = req.streaming and collect is None and self.tg is not None
         while True:
             start = time.perf_counter()
             try:
@@ -608,9 +610,13 @@ class NodeRunner:
             i += 1
             if detach and len(req.outputs) >= req.buffer_limit:
                 # The reader is behind: only this request's generator waits for it.
-                self.detached += 1
-                self.tg.start_soon(self._go_on, index, item, outs, i)
-                return True
+                if not detached:
+                    self.detached += 1
+                    self.tg.start_soon(self._go_on, index, item, outs, i)
+                    return True
+                await req.wait_room()
+                if req.state != PENDING:
+                    return False
             await self._emit(item, collect)
             if req.state != PENDING:
                 return False
@@ -623,9 +629,11 @@ class NodeRunner:
             with anyio.CancelScope() as scope:
                 handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
                 try:
-                    await self.emit(item)
+                    await req.wait_room()
                     if req.state == PENDING:
-                        handed = await self._pump(index, req, item.tag[:-1], outs, None, i)
+                        await self.emit(item)
+                    if req.state == PENDING:
+                        handed = await self._pump(index, req, item.tag[:-1], outs, None, i, True)
                 except Exception as exc:
                     self.stats.failed += 1
                     req.fail(_node_error(self.name, req, exc))

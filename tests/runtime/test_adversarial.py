@@ -19,6 +19,7 @@ one; ``DATAFLOW_ADVERSARIAL_SCENARIOS`` sets how many per backend).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
@@ -36,7 +37,7 @@ import dataflow as df
 
 pytestmark = pytest.mark.anyio
 
-SCENARIOS = int(os.environ.get("DATAFLOW_ADVERSARIAL_SCENARIOS", "260"))
+SCENARIOS = int(os.environ.get("DATAFLOW_ADVERSARIAL_SCENARIOS", "400"))
 FREE_WITHIN = 0.05  # a loop body ends this long after its request at the latest
 EXIT_WITHIN = 2.0  # leaving ``async with`` once every caller is done
 
@@ -304,7 +305,7 @@ async def scenario(seed: int) -> None:
     probe.engine = engine
     outcomes: list[Outcome] = []
     callers = rng.randint(1, 8)
-    with anyio.fail_after(20):
+    with _dump_on_timeout(engine), anyio.fail_after(20):
         async with engine:
             async with anyio.create_task_group() as tg:
                 for i in range(callers):
@@ -336,6 +337,26 @@ async def scenario(seed: int) -> None:
     assert all_done <= exit_start
     assert _threads() == threads_before, (where, threading.enumerate())
     assert _tasks() <= tasks_before, where
+
+
+@contextlib.contextmanager
+def _dump_on_timeout(engine: df.Engine) -> Iterator[None]:
+    """Print where a scenario got stuck."""
+    try:
+        yield
+    except TimeoutError:
+        print("stuck:", engine.state, engine.counters.as_dict(), "admitted", engine._admitted)
+        for req in engine._live.values():
+            print(
+                "  live", req, req.streaming, req.outstanding, len(req.outputs), req.owned_count()
+            )
+        if engine._scheduler is not None:
+            for name, runner in engine._scheduler.runners.items():
+                print("  node", name, len(runner.inbox), runner.parked, runner._borrowed)
+        if sniffio.current_async_library() == "asyncio":
+            for task in asyncio.all_tasks():
+                task.print_stack(limit=6)
+        raise
 
 
 def _threads() -> int:

@@ -69,15 +69,15 @@ async def test_2_a_worker_woken_by_a_broken_channel_ends_quietly(inline: bool) -
             outcomes.append("closed")
 
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            async with df.Engine(graph, shutdown="cancel", inline=inline) as engine:
-                for x in range(6):
-                    tg.start_soon(caller, engine, x)
-                await wait_all_tasks_blocked()
-                # The moment of a cancel shutdown where a woken sender finds the channel
-                # broken before its cancellation arrives.
-                engine._scheduler.inboxes["a"].close_receiver()  # type: ignore[union-attr]
-                await wait_all_tasks_blocked()
+        engine = df.Engine(graph, shutdown="cancel", inline=inline)
+        async with anyio.create_task_group() as tg, engine:
+            for x in range(6):
+                tg.start_soon(caller, engine, x)
+            await wait_all_tasks_blocked()
+            # The moment of a cancel shutdown where a woken sender finds the channel
+            # broken before its cancellation arrives.
+            engine._scheduler.inboxes["a"].close_receiver()  # type: ignore[union-attr]
+            await wait_all_tasks_blocked()
     assert len(outcomes) == 6 and set(outcomes) <= {"closed"}
 
 
@@ -342,6 +342,35 @@ async def test_13_a_stopped_reader_does_not_block_other_requests() -> None:
             assert await stalled.__anext__() == 0  # then never read again
             await wait_all_tasks_blocked()
             assert await engine.run(1) == list(range(100))
+            await stalled.aclose()
+
+
+@pytest.mark.parametrize("placement", ["loop", "thread"])
+async def test_13_a_stopped_reader_pauses_only_its_own_request_through_any_node(
+    placement: str,
+) -> None:
+    """The generator is upstream of the exit node: the exit must not wait for the
+    stalled reader, and the generator of that request alone waits."""
+    produced: dict[int, int] = {}
+
+    def gen(x: int) -> Iterator[int]:
+        for i in range(200):
+            produced[x] = produced.get(x, 0) + 1
+            yield i
+
+    graph = df.Graph(
+        "s",
+        df.map(gen, name="gen", placement=placement, capacity=2)
+        >> df.map(lambda v: v, name="exit", capacity=2),
+    )
+    with anyio.fail_after(10):
+        async with df.Engine(graph, stream_buffer=4) as engine:
+            stalled = engine.stream(0)
+            assert await stalled.__anext__() == 0  # then never read again
+            await wait_all_tasks_blocked()
+            assert await engine.run(1) == list(range(200))
+            assert [y async for y in engine.stream(2)] == list(range(200))
+            assert produced[0] <= 4 + 2 + 2 + 4  # buffer + what was on its way
             await stalled.aclose()
 
 
