@@ -93,7 +93,10 @@ class WatchedResponse(Response):
     """A response written by ``handler(send)``, cancelled if the client disconnects."""
 
     def __init__(self, handler: Handler) -> None:
-        super().__init__()
+        # Not Response.__init__: the handler writes its own status and headers, and
+        # building an unused header list costs more than the rest of a small request.
+        self.status_code = 200
+        self.background = None
         self._handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
