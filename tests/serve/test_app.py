@@ -89,3 +89,28 @@ def test_serve_only_binds_loopback_by_default() -> None:
     parser = argparse.ArgumentParser()
     serve.add_parser(parser)
     assert parser.parse_args(["g.py"]).host == "127.0.0.1"
+
+
+async def test_chat_on_asyncio_and_trio(alpha: ModuleType) -> None:
+    app = create_app(alpha.build())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            body = {
+                "model": "alpha",
+                "messages": [{"role": "user", "content": "hi"}],
+                "temperature": 0,
+                "max_tokens": 3,
+                "n": 2,
+            }
+            resp = await http.post("/v1/chat/completions", json=body)
+            answer = resp.json()
+            assert [c["message"]["content"] for c in answer["choices"]] == ["abc", "abc"]
+            assert answer["usage"]["completion_tokens"] == 6
+            resp = await http.post("/v1/chat/completions", json={**body, "stream": True})
+            chunks = [json.loads(b[6:]) for b in resp.text.split("\n\n") if b[6:7] == "{"]
+            texts = ["", ""]
+            for chunk in chunks:
+                for choice in chunk["choices"]:
+                    texts[choice["index"]] += choice["delta"].get("content", "")
+            assert texts == ["abc", "abc"] and resp.text.endswith("data: [DONE]\n\n")
