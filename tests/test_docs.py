@@ -84,7 +84,9 @@ def test_code_block_runs_as_written(block: Block, tmp_path: Path) -> None:
         (tmp_path / name).symlink_to(ROOT / name)
     script = tmp_path / "block.py"
     script.write_text(block.code)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # A block that starts Ray starts its own, never joins a cluster some other program
+    # left running on this machine (ray.init(num_cpus=...) would refuse it).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"}
     done = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
