@@ -9,6 +9,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 MAKEFILE = (ROOT / "Makefile").read_text()
 
@@ -52,3 +54,33 @@ def test_make_system_is_quiet_when_everything_is_installed() -> None:
         ["bash", ".ci/install-system"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+class _Report:
+    def __init__(self, reason: str) -> None:
+        self.skipped = True
+        self.outcome = "skipped"
+        self.longrepr: object = ("t.py", 1, f"Skipped: {reason}")
+
+
+def test_skips_for_missing_software_fail_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import _fail_missing
+
+    monkeypatch.setenv("CI", "true")
+    for reason in (
+        "could not import 'ray': No module named 'ray'",
+        "missing: /usr/bin/chromium (Debian package 'chromium'; run `make system`)",
+        "Graphviz 'dot' is not installed",
+        "Ray placement needs the ray extra",
+    ):
+        report = _Report(reason)
+        _fail_missing(report)
+        assert report.outcome == "failed", reason
+        assert "make test" in str(report.longrepr)
+    hardware = _Report("needs a CUDA GPU")
+    _fail_missing(hardware)
+    assert hardware.outcome == "skipped"
+    monkeypatch.setenv("CI", "")
+    local = _Report("missing: graphviz")
+    _fail_missing(local)
+    assert local.outcome == "skipped"
