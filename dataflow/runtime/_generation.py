@@ -23,7 +23,9 @@ so they share one count of outputs emitted and one ``on_consume`` hook (a ``_Gro
 once the stream holds ``stream_buffer`` outputs its reader has not taken, each of them
 sits out the ticks (an output computed in the same tick is held, not emitted) until the
 reader catches up. Emitting into the exit never waits on a reader, so the batch, and the
-other requests on the node, never stall. When sequences wait for a slot, parked ones give
+other requests on the node, never stall. (Parking needs the node to feed the exit: after
+a downstream node, which may yield any number of outputs per token, the channel between
+them bounds what waits instead.) When sequences wait for a slot, parked ones give
 theirs up (``_Worker._evict``) and later rejoin with one prefill of prompt + tokens so far.
 """
 
@@ -40,7 +42,7 @@ import torch
 
 from .._errors import DataflowError
 from ..graph._generation import GenerationConfig, SamplingParams, StepModel, _max_positions
-from ._request import PENDING, Item, Request
+from ._request import PENDING, Item, Request, Sink
 from ._sampling import Decoding, sample
 from .executors import LoopReplica
 
@@ -136,22 +138,24 @@ class _Group:
 
     @staticmethod
     def of(req: Request) -> _Group | None:
-        """The request's group (created on first use); None for a ``run()`` request,
-        whose outputs are not bounded by a reader."""
+        """The request's group (created on first use, then found as the request's
+        ``on_consume`` hook); None for a ``run()`` request, whose outputs are not
+        bounded by a reader."""
         if not req.streaming:
             return None
-        group = getattr(req.on_consume, "__self__", None)
+        group = req.on_consume
         if not isinstance(group, _Group):
             group = _Group(req)
-            req.on_consume = group.on_consume
+            req.on_consume = group
         return group
 
     def room(self) -> int:
         req = self.req
         return req.buffer_limit - (self.emitted - req.consumed)
 
-    def on_consume(self, req: Request) -> None:
-        """The reader took an output: wake whoever waits for room."""
+    def __call__(self, req: Request) -> None:
+        """The request's ``on_consume`` hook: the reader took an output, so wake
+        whoever waits for room."""
         if self.waiting and self.room() > 0:
             for worker in {s.worker for s in self.waiting}:
                 worker.wake()
@@ -293,6 +297,12 @@ class _Worker:
         self.inline = isinstance(replica, LoopReplica)
         self.backend = runner.backend
         self.max_batch = config.max_batch
+        # Parking counts this node's outputs against what the stream's reader took, so
+        # it only holds when they go straight into the stream (the graph's exit). After
+        # a downstream node (which may yield fewer or more outputs per token) the
+        # channel between them bounds what waits instead.
+        outputs = runner.outputs
+        self.feeds_exit = len(outputs) == 1 and isinstance(outputs[0][0], Sink)
         self.free_slots = list(range(config.max_batch - 1, -1, -1))  # pop() = lowest
         self.running: dict[int, _Seq] = {}  # slot -> sequence (stepping or parked)
         self.joining: deque[tuple[_Origin, int]] = deque()  # sequences waiting for a slot
@@ -461,7 +471,8 @@ class _Worker:
             except Exception as exc:
                 self.runner.fail_pending(req, exc)
                 continue
-            seq = _Seq(self, origin, _Group.of(req), self.free_slots.pop(), dec)
+            group = _Group.of(req) if self.feeds_exit else None
+            seq = _Seq(self, origin, group, self.free_slots.pop(), dec)
             self.running[seq.slot] = seq
             joins.append(seq)
         if self._admit_waiters and self._room() > 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -604,3 +604,26 @@ async def test_random_mix_of_readers_all_end_right_and_free_every_slot(seed: int
             ends = [c.finish_reason for c in chunks if c.index == index]
             assert ends[-1] == "length" and ends.count("length") == 1
     assert models[0].key == {}  # every slot freed
+
+
+def _every_fifth(token: int) -> Iterator[int]:
+    if token % 5 == 0:
+        yield token
+
+
+@pytest.mark.parametrize("placement", ["loop", "thread"])
+async def test_a_stream_through_a_sparser_node_after_generate_never_parks_forever(
+    placement: str,
+) -> None:
+    """Parking counts the node's outputs against what the reader took, which only
+    matches when the node feeds the stream itself: after a node that yields fewer
+    outputs than tokens the count never comes back under the buffer, and the sequence
+    used to park for good."""
+    models: list[Toy] = []
+    gen = toy_node(models, placement=placement, max_new_tokens=200, temperature=0.0)
+    sparse = df.map(_every_fifth, name="sparse")
+    expected = [t for t in reference(gen, [1]) if t % 5 == 0]
+    assert len(expected) > 8  # more than the stream buffer
+    async with df.Engine(df.Graph("g", gen >> sparse), stream_buffer=4) as engine:
+        with anyio.fail_after(20):
+            assert [t async for t in engine.stream([1])] == expected
