@@ -14,8 +14,9 @@ const KEY_STORE = "dataflow.api_key";
 
 const state = {
   graphs: new Map(), // model name -> /v1/graphs entry
-  model: null,
-  stats: null, // latest /v1/stats entry of the selected model
+  model: null, // the model #send streams from
+  view: null, // the graph drawn and shown in #stats (follows #model; #graph_select)
+  latest: new Map(), // model name -> its latest /v1/stats entry
   statsAbort: null,
   genAbort: null,
   authWaiters: [],
@@ -111,15 +112,31 @@ async function loadGraphs() {
     select.appendChild(opt);
   }
   if (previous && state.graphs.has(previous)) select.value = previous;
+  const view = $("#graph_select");
+  view.textContent = "";
+  for (const g of entries) {
+    const opt = document.createElement("option");
+    opt.value = g.name;
+    opt.textContent = g.name;
+    view.appendChild(opt);
+  }
+  view.hidden = entries.length < 2;
   selectModel(select.value);
 }
 
 function selectModel(name) {
   state.model = name;
+  $("#graph_select").value = name;
+  showGraph(name);
+}
+
+function showGraph(name) {
+  state.view = name;
   const g = state.graphs.get(name);
   if (g) drawGraph(g);
   buildRows(g);
-  if (state.stats) renderStats(state.stats);
+  const latest = state.latest.get(name);
+  if (latest) renderStats(latest);
 }
 
 function el(tag, attrs, text) {
@@ -141,8 +158,15 @@ function drawGraph(g) {
     layers.get(n.layer).push(n);
   }
   const depth = Math.max(...layers.keys()) + 1;
+  // A long pipeline gets the page's whole width (the panels stack).
+  document.querySelector("main").classList.toggle("wide", depth > 3);
   const tallest = Math.max(...[...layers.values()].map((l) => l.length));
-  const height = PAD * 2 + tallest * H + (tallest - 1) * GAPY + 18;
+  // Edges that skip a layer run along a lane above the nodes instead of behind them.
+  const layerOf = new Map(g.nodes.map((n) => [n.name, n.layer]));
+  const skips = g.edges.some((e) => layerOf.get(e.to) - layerOf.get(e.from) > 1);
+  const TOP = skips ? 28 : 0;
+  const inner = PAD * 2 + tallest * H + (tallest - 1) * GAPY + 18;
+  const height = TOP + inner;
   const x0 = PAD + 2 * R + GAPX;
   const width = x0 + depth * W + (depth - 1) * GAPX + GAPX + 2 * R + PAD;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -163,11 +187,11 @@ function drawGraph(g) {
     const total = nodes.length * H + (nodes.length - 1) * GAPY;
     nodes.forEach((n, i) => {
       const x = x0 + layer * (W + GAPX);
-      const y = (height - total) / 2 + i * (H + GAPY);
+      const y = TOP + (inner - total) / 2 + i * (H + GAPY);
       pos.set(n.name, { x, y });
     });
   }
-  const mid = height / 2;
+  const mid = TOP + inner / 2;
   const inX = PAD + R, outX = width - PAD - R;
   const edgeLayer = el("g", { class: "edges" });
   const nodeLayer = el("g", { class: "nodes" });
@@ -190,7 +214,20 @@ function drawGraph(g) {
   edge(inX + R, mid, src.x, src.y + H / 2, "cap " + g.input_capacity, "input->" + g.source);
   for (const e of g.edges) {
     const a = pos.get(e.from), b = pos.get(e.to);
-    edge(a.x + W, a.y + H / 2, b.x, b.y + H / 2, "cap " + e.capacity, e.from + "->" + e.to);
+    const id = e.from + "->" + e.to;
+    if (layerOf.get(e.to) - layerOf.get(e.from) > 1) {
+      const x1 = a.x + W / 2, y1 = a.y, x2 = b.x + W / 2, y2 = b.y, lane = PAD;
+      edgeLayer.appendChild(el("path", {
+        d: `M ${x1} ${y1} C ${x1} ${lane}, ${x1} ${lane}, ${x1 + 30} ${lane} ` +
+          `L ${x2 - 30} ${lane} C ${x2} ${lane}, ${x2} ${lane}, ${x2} ${y2}`,
+        class: "edge", "marker-end": "url(#arrow)", "data-edge": id,
+      }));
+      edgeLayer.appendChild(el("text", {
+        x: (x1 + x2) / 2, y: lane - 4, class: "edge-label", "text-anchor": "middle",
+      }, "cap " + e.capacity));
+    } else {
+      edge(a.x + W, a.y + H / 2, b.x, b.y + H / 2, "cap " + e.capacity, id);
+    }
   }
   edge(sink.x + W, sink.y + H / 2, outX - R, mid, "", g.sink + "->output");
 
@@ -268,8 +305,7 @@ function busyCell(td, fractions) {
 }
 
 function renderStats(entry) {
-  state.stats = entry;
-  if (!entry || entry.model !== state.model) return;
+  if (!entry || entry.model !== state.view) return;
   const req = entry.requests || {};
   for (const dd of document.querySelectorAll("#requests dd")) {
     const v = req[dd.dataset.counter];
@@ -314,7 +350,8 @@ async function followStats() {
         const body = JSON.parse(data);
         if (body.error) throw new Error(body.error.message);
         for (const entry of body.data) {
-          if (entry.model === state.model) renderStats(entry);
+          state.latest.set(entry.model, entry);
+          if (entry.model === state.view) renderStats(entry);
         }
       }
     } catch (e) {
@@ -419,6 +456,7 @@ async function start() {
   $("#send").addEventListener("click", send);
   $("#stop").addEventListener("click", stop);
   $("#model").addEventListener("change", (e) => selectModel(e.target.value));
+  $("#graph_select").addEventListener("change", (e) => showGraph(e.target.value));
   $("#prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) send();
   });
