@@ -99,6 +99,7 @@ class Request:
         "deadline",
         "error",
         "id",
+        "late",
         "on_consume",
         "outputs",
         "outstanding",
@@ -142,6 +143,9 @@ class Request:
         # generation node parks a slow reader's sequence on these instead of blocking.
         self.consumed = 0
         self.on_consume: Callable[[Request], None] | None = None
+        # Outputs that reached the exit while the stream's buffer was full, waiting there
+        # in order (see Sink); None when there are none.
+        self.late: deque[Item] | None = None
 
     def __repr__(self) -> str:
         return f"<Request {self.id} {STATE_NAMES[self.state]}>"
@@ -242,6 +246,17 @@ class Request:
         while self.state == PENDING and len(self.outputs) >= self._buffer_limit:
             await self.backend.park(self._writers)
 
+    @property
+    def behind(self) -> bool:
+        """A stream whose reader is behind: its buffer is full or outputs wait at the
+        exit. Its producers wait (:meth:`wait_reader`) rather than make more."""
+        return self.streaming and (len(self.outputs) >= self._buffer_limit or self.late is not None)
+
+    async def wait_reader(self) -> None:
+        """Wait until the stream's reader caught up (or the request ended)."""
+        while self.state == PENDING and self.behind:
+            await self.backend.park(self._writers)
+
     async def wait_done(self) -> None:
         """Wait until the request ended (caller side of ``run``)."""
         while self.state == PENDING:
@@ -258,7 +273,8 @@ class Request:
                 if self.on_consume is not None:
                     self.on_consume(self)
                 if self._writers:
-                    self.backend.wake(self._writers)
+                    # The exit's queue and a waiting generator may both wait for room.
+                    self.backend.wake_all(self._writers)
                 return True, value
             if self.state != PENDING:
                 if self.state == SUCCEEDED:
@@ -277,33 +293,34 @@ class Sink:
     """The graph's exit: hands the sink node's outputs to their requests.
 
     A stream whose reader is behind (its buffer full) does not hold up the exit for
-    other requests: its outputs wait in a queue of its own, handed over in order by a
-    task of its own (in the engine's task group, :attr:`tg`) as the reader makes room.
-    What waits there is bounded because producers of a stream wait for its reader
-    before producing more (generators: ``NodeRunner._pump``): at most what was already
-    on its way to the exit.
+    other requests: its outputs wait in a queue of its own (``Request.late``), handed
+    over in order by a task of its own (in the engine's task group, :attr:`tg`) as the
+    reader makes room. What waits there is bounded because producers of a stream wait
+    for its reader before producing more (``Request.wait_reader``): at most what was
+    already on its way to the exit.
     """
 
-    __slots__ = ("_late", "tg")
+    __slots__ = ("_behind", "tg")
 
     def __init__(self) -> None:
         self.tg: Any = None
-        self._late: dict[Request, deque[Item]] = {}
+        self._behind: set[Request] = set()  # requests with outputs waiting here
 
     def put_nowait(self, item: Item) -> bool:
         """Deliver ``item``; False (not delivered) if its stream's buffer is full and
         there is no task group to wait in."""
         req = item.req
-        late = self._late
-        if late and req in late:
-            late[req].append(item)  # behind that request's earlier outputs
+        late = req.late
+        if late is not None:
+            late.append(item)  # behind that request's earlier outputs
             return True
         if req.deliver(item.value):
             return True
         if self.tg is None:
             return False
-        queue = late[req] = deque((item,))
-        self.tg.start_soon(self._deliver_late, req, queue)
+        req.late = deque((item,))
+        self._behind.add(req)
+        self.tg.start_soon(self._deliver_late, req)
         return True
 
     async def send(self, item: Item) -> None:
@@ -316,11 +333,13 @@ class Sink:
 
     def late(self) -> int:
         """Outputs waiting for slow readers (for tests and stats)."""
-        return sum(len(q) for q in self._late.values())
+        return sum(len(r.late) for r in self._behind if r.late is not None)
 
-    async def _deliver_late(self, req: Request, queue: deque[Item]) -> None:
+    async def _deliver_late(self, req: Request) -> None:
         import anyio
 
+        queue = req.late
+        assert queue is not None
         try:
             with anyio.CancelScope() as scope:
                 handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
@@ -333,7 +352,10 @@ class Sink:
                 finally:
                     req.disown(handle)
         finally:
-            del self._late[req]  # what is left belongs to a request that ended
+            req.late = None  # what is left belongs to a request that ended
+            self._behind.discard(req)
+            if req._writers:
+                req.backend.wake_all(req._writers)  # its producers may go on
 
 
 class Deadlines:

@@ -594,7 +594,7 @@ class NodeRunner:
         because its stream's reader is behind. A generator for a stream whose buffer is
         full waits for its reader (in that task, so this node's workers move on): what a
         stream holds is its buffer plus what was already on its way to the exit."""
-        detach = req.streaming and collect is None and self.tg is not None
+        detach = collect is None and self.tg is not None
         while True:
             start = time.perf_counter()
             try:
@@ -608,13 +608,14 @@ class NodeRunner:
             req.outstanding += 1
             item = Item(req, value, (*tag, (i, 0)))
             i += 1
-            if detach and len(req.outputs) >= req.buffer_limit:
-                # The reader is behind: only this request's generator waits for it.
-                if not detached:
+            if req.streaming and req.behind:
+                # The reader is behind: only this request's generator waits for it (in
+                # a task of its own; in place where outputs must keep their order).
+                if detach and not detached:
                     self.detached += 1
                     self.tg.start_soon(self._go_on, index, item, outs, i)
                     return True
-                await req.wait_room()
+                await req.wait_reader()
                 if req.state != PENDING:
                     return False
             await self._emit(item, collect)
@@ -629,7 +630,7 @@ class NodeRunner:
             with anyio.CancelScope() as scope:
                 handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
                 try:
-                    await req.wait_room()
+                    await req.wait_reader()
                     if req.state == PENDING:
                         await self.emit(item)
                     if req.state == PENDING:
