@@ -9,24 +9,17 @@ sandboxed). Jinja needs ``jinja2`` (a dependency of torch, so always there in pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
 from .._errors import GraphError, InvalidRequest
 
-__all__ = ["ChatTemplate", "check_template", "is_messages", "render", "simple_chat"]
+__all__ = ["ChatTemplate", "check_template", "is_messages", "render"]
 
 ChatTemplate = str | Callable[[list[dict[str, str]]], "str | list[int]"]
 
 MAX_MESSAGES = 4096
-
-
-def simple_chat(messages: Sequence[Mapping[str, str]]) -> str:
-    """A plain-text template: one ``role: content`` line per message, then
-    ``assistant: `` for the model to continue (what the shipped byte LMs use)."""
-    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return lines + "assistant: "
 
 
 def is_messages(value: Any) -> bool:
