@@ -69,6 +69,11 @@ def _row(driver: Any, node: str) -> str:
     return str(_js(driver, f"return document.querySelector('tr[data-node={node}]').textContent"))
 
 
+def _cell(driver: Any, node: str, col: str) -> str:
+    script = f"return document.querySelector('tr[data-node={node}] td[data-col={col}]').textContent"
+    return str(_js(driver, script))
+
+
 def _set(driver: Any, element_id: str, value: str) -> None:
     _js(driver, f"document.getElementById('{element_id}').value = arguments[0]", value)
 
@@ -118,12 +123,15 @@ def drive(driver: Any, url: str, shot: Path) -> dict[str, Any]:
 
     # -- a long one: the stats row moves while it runs; #stop ends it, counted cancelled
     row_before = _row(driver, "tiny_lm")
+    out_before = int(_cell(driver, "tiny_lm", "items_out"))
     _set(driver, "max_tokens", "4000")
     _js(driver, OBSERVE)
     driver.find_element(By.ID, "send").click()
     # (a longer text for the README's picture)
     wait.until(lambda d: _length(d) >= (400 if os.environ.get("DATAFLOW_DASHBOARD_PNG") else 40))
     wait.until(lambda d: _row(d, "tiny_lm") != row_before)
+    wait.until(lambda d: int(_cell(d, "tiny_lm", "items_out")) > out_before)
+    wait.until(lambda d: _cell(d, "tiny_lm", "busy") not in ("", "0%"))  # working now
     wait.until(lambda d: _counter(d, "in_flight") == "1")
     assert _js(driver, "return document.getElementById('output').dataset.state") is None
     assert driver.find_element(By.ID, "stop").is_enabled()
