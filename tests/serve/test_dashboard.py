@@ -9,6 +9,7 @@ import inspect
 import json
 import re
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -276,3 +277,14 @@ async def test_stats_stream_over_uvicorn_ends_on_disconnect(serve: Any, echo: Mo
         with anyio.fail_after(10):
             await server.probe.wait_finished(1)  # the endless stream ended server-side
         assert server.probe.finished == ["/v1/stats/stream"]
+
+
+def test_static_assets_ship_as_package_data() -> None:
+    import tomllib
+    from importlib import resources
+
+    root = Path(__file__).resolve().parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "serve/static/*" in config["tool"]["setuptools"]["package-data"]["dataflow"]
+    static = resources.files("dataflow.serve") / "static"
+    assert {p.name for p in static.iterdir()} >= {"index.html", "dashboard.js", "dashboard.css"}
