@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .._errors import InvalidRequest
+
 __all__ = ["HFStepModel"]
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -65,14 +67,23 @@ class HFStepModel:
             self.max_positions = max_positions
         self._dynamic_cache = DynamicCache
         self.device = next(model.parameters()).device
+        embeddings = model.get_input_embeddings()
+        # Token ids the embedding has rows for: a larger id is an IndexError on the CPU
+        # and a device-side assert (which poisons the process's CUDA context) on a GPU.
+        self.vocab: int | None = getattr(embeddings, "num_embeddings", None)
         self._compact: dict[int, KV] = {}
         self._packed: _Packed | None = None
 
     # -- the step-model protocol ---------------------------------------------------------
 
     def prefill(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
-        """Starts ``slot`` from ``prompt``; returns the logits ``[V]`` of the next token."""
+        """Starts ``slot`` from ``prompt``; returns the logits ``[V]`` of the next token.
+
+        Raises:
+            InvalidRequest: a token id the model has no embedding for.
+        """
         self._check(slot)
+        self._check_ids(prompt)
         self.free(slot)
         with torch.inference_mode():
             ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
@@ -87,6 +98,9 @@ class HFStepModel:
         """Starts every slot from its prompt in one right-padded forward; logits ``[n, V]``."""
         for slot in slots:
             self._check(slot)
+        for prompt in prompts:
+            self._check_ids(prompt)
+        for slot in slots:
             self.free(slot)
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
@@ -161,6 +175,14 @@ class HFStepModel:
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
             raise ValueError(f"slot {slot} out of range 0..{self.max_batch - 1}")
+
+    def _check_ids(self, prompt: Sequence[int]) -> None:
+        vocab = self.vocab
+        if vocab is not None and prompt and (min(prompt) < 0 or max(prompt) >= vocab):
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise InvalidRequest(
+                f"the prompt's token id {bad} is out of the model's vocabulary (ids 0..{vocab - 1})"
+            )
 
     def _extract(self, packed: _Packed, row: int) -> KV:
         """One packed row as a compact cache (its padding columns dropped)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,29 @@ async def test_context_overflow_is_an_invalid_request_naming_both_numbers(
         chunks = [c async for c in engine.stream([5] * 90, details=True, temperature=0)]
     assert chunks[-1].finish_reason in ("length", "stop")
     assert chunks[-1].completion_tokens <= 6
+
+
+async def test_token_ids_beyond_the_vocabulary_are_invalid_requests(checkpoint: Path) -> None:
+    """An id the embedding has no row for is the caller's error (on a GPU it would be a
+    device-side assert that poisons the process), alone or joining with good prompts."""
+    node = hf.causal_lm(checkpoint, max_batch=4, temperature=0)
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    async with df.Engine(df.Graph("lm", node)) as engine:
+        with pytest.raises(df.InvalidRequest, match=rf"token id {vocab} .*0\.\.{vocab - 1}"):
+            await engine.run([5, vocab], max_new_tokens=2)
+        async with anyio.create_task_group() as tg:
+            outcomes: dict[int, Any] = {}
+
+            async def one(i: int, prompt: list[int]) -> None:
+                try:
+                    outcomes[i] = await engine.run(prompt, max_new_tokens=2, details=True)
+                except df.InvalidRequest as exc:
+                    outcomes[i] = exc
+
+            for i, prompt in enumerate([[5, 6], [vocab + 7], [7, 8, 9]]):
+                tg.start_soon(one, i, prompt)
+    assert isinstance(outcomes[1], df.InvalidRequest)
+    assert outcomes[0][-1].completion_tokens == outcomes[2][-1].completion_tokens == 2
 
 
 def test_a_loaded_model_and_tokenizer_work_too(checkpoint: Path, reference: Any) -> None:
