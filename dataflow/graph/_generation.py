@@ -201,11 +201,13 @@ class GenerationConfig:
         ``bytes`` are taken as they are.
 
         Raises:
-            InvalidRequest: no chat template for messages, an empty prompt, or a prompt
-                that is not messages, str, bytes or token ids.
+            InvalidRequest: no chat template for messages, an empty prompt, text that is
+                not valid Unicode, or a prompt that is not messages, str, bytes or token ids.
         """
         if is_messages(prompt):
             prompt = self.render_chat(prompt)
+        if isinstance(prompt, str):
+            _check_text(self.node, prompt)
         if isinstance(prompt, str) and self.encode is not None:
             try:
                 prompt = self.encode(prompt)
@@ -348,6 +350,17 @@ class SamplingParams:
                 f"model's context of max_positions={max_positions} tokens"
             )
         return dataclasses.replace(self, max_new_tokens=max_positions - prompt_tokens)
+
+
+def _check_text(node: str, text: str) -> None:
+    """Raises InvalidRequest if ``text`` cannot be UTF-8 (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"node {node!r}: the prompt is not valid Unicode (a lone surrogate "
+            f"{text[exc.start]!r} at character {exc.start})"
+        ) from None
 
 
 def _is_number(x: Any) -> bool:

@@ -157,3 +157,22 @@ def test_generation_config_finds_the_generate_node_nearest_the_exit() -> None:
     after = df.Graph("h", node() >> df.map(lambda x: x, name="post"))
     assert generation_config(after) is not None
     assert generation_config(df.Graph("plain", df.map(lambda x: x, name="m"))) is None
+
+
+async def test_a_lone_surrogate_is_an_invalid_request_not_a_node_error() -> None:
+    """Text that cannot be UTF-8 is the caller's error, whether it is the prompt, a chat
+    message, or goes through ``encode``."""
+    plain, chatting = node(), node(chat_template=chat, encode=lambda t: list(t.encode()))
+    async with (
+        df.Engine(df.Graph("g", plain)) as engine,
+        df.Engine(df.Graph("c", chatting)) as chat_engine,
+    ):
+        with pytest.raises(df.InvalidRequest, match=r"node 'gen'.*surrogate.*character 1"):
+            await engine.run("a\ud800")
+        with pytest.raises(df.InvalidRequest, match="surrogate"):
+            await chat_engine.run([{"role": "user", "content": "\udfff"}])
+        with pytest.raises(df.InvalidRequest, match="surrogate"):
+            await chat_engine.run("\ud800")
+        assert "".join(await engine.run("fine")) == "!!!"
+    with pytest.raises(df.InvalidRequest, match="surrogate"):
+        list(plain.body()("\ud800"))
