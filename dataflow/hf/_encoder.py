@@ -152,6 +152,15 @@ def text_encoder(
             items = list(enumerate(texts))
         else:
             raise InvalidRequest(f"{what}: input must be a string or a non-empty list of them")
+        for index, text in items:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                which = "the text" if index is None else f"text {index}"
+                raise InvalidRequest(
+                    f"{what}: {which} is not valid Unicode (a lone surrogate at character "
+                    f"{exc.start})"
+                ) from None
         encoded = tokenizer([t for _, t in items], add_special_tokens=False)["input_ids"]
         return [(index, ids) for (index, _), ids in zip(items, encoded, strict=True)]
 

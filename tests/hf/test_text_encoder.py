@@ -61,6 +61,11 @@ async def test_long_text_is_windowed_and_unnormalized_mean_is_a_token_mean(
         assert engine.stats()["nodes"]["encoder"]["items_in"] > 3
         with pytest.raises(df.InvalidRequest, match="bert: input must be"):
             await engine.run(42)
+        # Text that cannot be UTF-8 is the caller's error, not the tokenizer's TypeError.
+        with pytest.raises(df.InvalidRequest, match="bert: the text is not valid Unicode"):
+            await engine.run("a\ud800")
+        with pytest.raises(df.InvalidRequest, match="bert: text 1 is not valid Unicode"):
+            await engine.run(["fine", "\udfff"])
     assert vec.shape == (32,) and abs(float(vec.norm()) - 1.0) > 1e-3
 
 
