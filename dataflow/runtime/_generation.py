@@ -23,10 +23,11 @@ so they share one count of outputs emitted and one ``on_consume`` hook (a ``_Gro
 once the stream holds ``stream_buffer`` outputs its reader has not taken, each of them
 sits out the ticks (an output computed in the same tick is held, not emitted) until the
 reader catches up. Emitting into the exit never waits on a reader, so the batch, and the
-other requests on the node, never stall. (Parking needs the node to feed the exit: after
-a downstream node, which may yield any number of outputs per token, the channel between
-them bounds what waits instead.) When sequences wait for a slot, parked ones give
-theirs up (``_Worker._evict``) and later rejoin with one prefill of prompt + tokens so far.
+other requests on the node, never stall. A generate node that is not the graph's last
+node cannot count its outputs in the stream (the nodes after it may yield any number per
+token): its sequences park while the stream's buffer itself is full. When sequences wait
+for a slot, parked ones give theirs up (``_Worker._evict``) and later rejoin with one
+prefill of prompt + tokens so far.
 """
 
 from __future__ import annotations
@@ -149,16 +150,23 @@ class _Group:
             req.on_consume = group
         return group
 
-    def room(self) -> int:
+    def room(self, exact: bool) -> int:
+        """How many more outputs the stream takes now. ``exact`` for a node feeding the
+        exit: its outputs emitted but not yet read (in the buffer or on their way to
+        it) count. Otherwise its outputs become the stream's through other nodes, which
+        may yield any number per token, so only the stream's buffer itself counts."""
         req = self.req
-        return req.buffer_limit - (self.emitted - req.consumed)
+        if exact:
+            return req.buffer_limit - (self.emitted - req.consumed)
+        return req.buffer_limit - len(req.outputs)
 
     def __call__(self, req: Request) -> None:
         """The request's ``on_consume`` hook: the reader took an output, so wake
         whoever waits for room."""
-        if self.waiting and self.room() > 0:
+        if self.waiting:
             for worker in {s.worker for s in self.waiting}:
-                worker.wake()
+                if self.room(worker.feeds_exit) > 0:
+                    worker.wake()
 
 
 class _Seq:
@@ -297,10 +305,7 @@ class _Worker:
         self.inline = isinstance(replica, LoopReplica)
         self.backend = runner.backend
         self.max_batch = config.max_batch
-        # Parking counts this node's outputs against what the stream's reader took, so
-        # it only holds when they go straight into the stream (the graph's exit). After
-        # a downstream node (which may yield fewer or more outputs per token) the
-        # channel between them bounds what waits instead.
+        # Whether this node's outputs go straight into the stream (see _Group.room).
         outputs = runner.outputs
         self.feeds_exit = len(outputs) == 1 and isinstance(outputs[0][0], Sink)
         self.free_slots = list(range(config.max_batch - 1, -1, -1))  # pop() = lowest
@@ -411,8 +416,9 @@ class _Worker:
             group = seq.group
             assert group is not None
             req = seq.req
-            while seq.pending and req.state == PENDING and group.room() > 0:
-                group.emitted += 1
+            exact = self.feeds_exit
+            while seq.pending and req.state == PENDING and group.room(exact) > 0:
+                group.emitted += exact
                 await self.runner.emit(seq.pending.pop(0))
             if req.state != PENDING:
                 self._unwait(seq)
@@ -420,7 +426,7 @@ class _Worker:
                 if seq.finished:
                     self._unwait(seq)
                     req.release(1)
-                elif group.room() > 0:
+                elif group.room(exact) > 0:
                     seq.parked = False
                     self._unwait(seq)
                     if seq.evicted:
@@ -471,8 +477,7 @@ class _Worker:
             except Exception as exc:
                 self.runner.fail_pending(req, exc)
                 continue
-            group = _Group.of(req) if self.feeds_exit else None
-            seq = _Seq(self, origin, group, self.free_slots.pop(), dec)
+            seq = _Seq(self, origin, _Group.of(req), self.free_slots.pop(), dec)
             self.running[seq.slot] = seq
             joins.append(seq)
         if self._admit_waiters and self._room() > 0:
@@ -577,10 +582,10 @@ class _Worker:
             item = Item(req, out, (*origin.tag, (index, 0)))
             if group is None:
                 await self.runner.emit(item)
-            elif seq.pending or group.room() <= 0:
+            elif seq.pending or group.room(self.feeds_exit) <= 0:
                 seq.pending.append(item)  # the stream is full: held until its reader reads
             else:
-                group.emitted += 1
+                group.emitted += self.feeds_exit
                 await self.runner.emit(item)
         if done:
             if self.running.get(seq.slot) is seq:
@@ -590,7 +595,7 @@ class _Worker:
                 self._wait(seq)
             else:
                 req.release(1)
-        elif group is not None and (seq.pending or group.room() <= 0):
+        elif group is not None and (seq.pending or group.room(self.feeds_exit) <= 0):
             seq.parked = True
             self._wait(seq)
             if self._admit_waiters:

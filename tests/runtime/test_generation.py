@@ -627,3 +627,25 @@ async def test_a_stream_through_a_sparser_node_after_generate_never_parks_foreve
     async with df.Engine(df.Graph("g", gen >> sparse), stream_buffer=4) as engine:
         with anyio.fail_after(20):
             assert [t async for t in engine.stream([1])] == expected
+
+
+@pytest.mark.parametrize("placement", ["loop", "thread"])
+async def test_a_stopped_reader_behind_a_node_after_generate_parks_its_sequence(
+    placement: str,
+) -> None:
+    """When the generate node is not the last one, its sequences park on the stream's
+    own buffer: a reader that stops holds a bounded number of outputs (not every token
+    up to max_new_tokens), and the others go on."""
+    models: list[Toy] = []
+    gen = toy_node(models, placement=placement, max_new_tokens=3000, temperature=0.0, capacity=4)
+    ident = df.map(lambda t: t, name="ident", capacity=4)
+    async with df.Engine(df.Graph("g", gen >> ident), stream_buffer=4) as engine:
+        stalled = engine.stream([1])
+        first = await anext(stalled)
+        with anyio.fail_after(20):
+            others = await engine.run([2], max_new_tokens=200)
+        held = sum(m.steps[(1,)] for m in models)
+        await stalled.aclose()
+    assert others == reference(gen, [2], max_new_tokens=200)
+    assert first == reference(gen, [1], max_new_tokens=1)[0]
+    assert held <= 40  # buffer, channel and late outputs; it stepped on with the others before
