@@ -202,8 +202,11 @@ class RayReplica(Replica):
         refs = getattr(actor, method).options(num_returns=n + 1).remote(*args)
         try:
             await self._value(refs[0])
-        except ray.exceptions.RayActorError as exc:
-            raise self._died(generation, exc) from exc
+        except BaseException as exc:
+            _settle(refs[1:])
+            if isinstance(exc, ray.exceptions.RayActorError):
+                raise self._died(generation, exc) from exc
+            raise
         return list(refs[1:])
 
     async def call(self, value: Any, kw: dict[str, Any]) -> Any:
@@ -261,6 +264,16 @@ class RayReplica(Replica):
             # Cancel and delete the stream now: a generator paused by backpressure
             # resumes (and sees its stop), rather than waiting for the GC to drop it.
             stream.close()
+
+
+def _settle(refs: list[Any]) -> None:
+    """Mark the outputs of a call that failed as seen: Ray would log each one's error as
+    unhandled when it is dropped, though the caller got it (from the status)."""
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # the call's error, or not ready (a cancelled call)
+            pass
 
 
 def _kill(actor: Any) -> None:
