@@ -174,11 +174,13 @@ class NodeRunner:
                 err = NodeError(self.name, None, exc)
                 err.__cause__ = exc
                 raise err from exc
+        # (A replica that cancels calls where they run — Ray — owns a scope per call
+        # instead: see _call_interruptible.)
         self._scoped = not (
             self.node.info.mode == "function"
             and self.node.kind != "shard"
             and all(isinstance(r, LoopReplica) for r in self.replica_objs)
-        )
+        ) and not any(r.interruptible for r in self.replica_objs)
         # A replica that keeps several items in flight (a Ray actor) gets a worker per item.
         self._lanes = [i for i, r in enumerate(self.replica_objs) for _ in range(r.in_flight)]
         if len(self._lanes) > self.replicas:
