@@ -41,6 +41,29 @@ async def test_the_shipped_model_completes_and_chats() -> None:
     assert text == again and text.strip()
     assert chat[-1].finish_reason in ("stop", "length")
     assert chat[-1].prompt_tokens > 5
+    # Token for token what transformers itself generates from the shipped weights.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_lm.CHECKPOINT, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_lm.CHECKPOINT, dtype=torch.float32, local_files_only=True
+    ).eval()
+    messages = [{"role": "user", "content": "write a function named join"}]
+    for ids, n, got in [
+        (tok("def main(")["input_ids"], 24, text),
+        (
+            tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False),
+            48,
+            "".join(c.text for c in chat),
+        ),
+    ]:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = model.generate(
+                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n
+            )
+        assert got == tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 async def test_serve_option_path_loads_any_checkpoint(tmp_path: Path) -> None:
