@@ -96,7 +96,7 @@ class _Origin:
     the prompt (encoded in the replica's thread at the first prefill), the parameters and
     the output index counter."""
 
-    __slots__ = ("emitted", "error", "ids", "params", "req", "tag", "value")
+    __slots__ = ("counted", "emitted", "error", "ids", "params", "req", "tag", "value")
 
     def __init__(self, it: Item, params: SamplingParams) -> None:
         self.req = it.req
@@ -106,6 +106,7 @@ class _Origin:
         self.ids: list[int] | None = None
         self.error: BaseException | None = None
         self.emitted = 0
+        self.counted = False  # its end is in the node's stats (once, whatever n is)
 
     def prepare(self, config: GenerationConfig, max_positions: int | None) -> None:
         """Encode the prompt and fit the parameters to the model's context (thread)."""
@@ -400,10 +401,17 @@ class _Worker:
         if seq.group is not None:
             seq.group.waiting.discard(seq)
 
+    def _cancelled(self, origin: _Origin) -> None:
+        """Count an input whose request ended before its sequences did (once per input,
+        not per sequence, so the node's stats balance against ``items_in``)."""
+        if not origin.counted:
+            origin.counted = True
+            self.runner.stats.cancelled += 1
+
     def _reap(self) -> None:
         """Drop sequences whose request ended (cancelled, deadline, failed elsewhere)."""
         for seq in [s for s in self.running.values() if s.req.state != PENDING]:
-            self.runner.stats.cancelled += 1
+            self._cancelled(seq.origin)
             self._unwait(seq)
             self._leave(seq)
         for seq in [s for s in self.waiting if s.req.state != PENDING]:
@@ -453,7 +461,6 @@ class _Worker:
 
     def _take_joins(self) -> list[_Seq]:
         joins: list[_Seq] = []
-        stats = self.runner.stats
         if len(self.free_slots) < len(self.joining) + len(self.rejoining):
             self._evict()
         while self.rejoining and self.free_slots:
@@ -469,13 +476,12 @@ class _Worker:
             origin, index = self.joining.popleft()
             req = origin.req
             if req.state != PENDING:
-                if index == 0:
-                    stats.cancelled += 1
+                self._cancelled(origin)
                 continue
             try:
                 dec = Decoding(self.config, origin.params, index)
             except Exception as exc:
-                self.runner.fail_pending(req, exc)
+                self._fail_origin(origin, exc)
                 continue
             seq = _Seq(self, origin, _Group.of(req), self.free_slots.pop(), dec)
             self.running[seq.slot] = seq
@@ -557,7 +563,16 @@ class _Worker:
     def _fail(self, seq: _Seq, exc: BaseException) -> None:
         if self.running.get(seq.slot) is seq:
             self._leave(seq)
-        self.runner.fail_pending(seq.req, exc)
+        self._fail_origin(seq.origin, exc)
+
+    def _fail_origin(self, origin: _Origin, exc: BaseException) -> None:
+        """Fail the request (counted once as failed), or count the input as cancelled
+        if its request has already ended."""
+        if origin.req.state == PENDING:
+            origin.counted = True
+            self.runner.fail_pending(origin.req, exc)
+        else:
+            self._cancelled(origin)
 
     async def _deliver(self, seq: _Seq, token: int) -> None:
         req = seq.req

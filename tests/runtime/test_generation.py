@@ -649,3 +649,21 @@ async def test_a_stopped_reader_behind_a_node_after_generate_parks_its_sequence(
     assert others == reference(gen, [2], max_new_tokens=200)
     assert first == reference(gen, [1], max_new_tokens=1)[0]
     assert held <= 40  # buffer, channel and late outputs; it stepped on with the others before
+
+
+async def test_node_stats_count_each_input_once_whatever_n() -> None:
+    """An early exit from an ``n = 3`` stream is one cancelled input, not three: the
+    node's stats balance against ``items_in`` (``succeeded`` used to clamp to 0)."""
+    models: list[Toy] = []
+    gen = toy_node(models, max_batch=8, max_new_tokens=50, temperature=1.0)
+    async with df.Engine(df.Graph("g", gen)) as engine:
+        for i in range(4):
+            async with contextlib.aclosing(engine.stream([i], n=3, seed=i, details=True)) as stream:
+                await anext(stream)
+        done = await engine.run([9], n=3, seed=1, details=True, max_new_tokens=3)
+        # The last run's ticks reaped the closed streams' sequences before it ended.
+        stats = engine.stats()["nodes"]["gen"]
+    assert len(done) == 9
+    assert stats["items_in"] == 5
+    assert stats["cancelled"] == 4 and stats["failed"] == 0
+    assert stats["succeeded"] == 1
