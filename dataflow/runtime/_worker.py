@@ -146,6 +146,7 @@ class NodeRunner:
         # goes on in a task of its own there, so this node's workers move on.
         self.tg: Any = None
         self.detached = 0  # generators going on in their own task now
+        self._interruptible = False  # a replica cancels calls where they run (Ray)
         self.ray_hints: dict[str, Any] = {}  # set by the scheduler for Ray nodes (plan_ray)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -174,13 +175,17 @@ class NodeRunner:
                 err = NodeError(self.name, None, exc)
                 err.__cause__ = exc
                 raise err from exc
+        self._interruptible = any(r.interruptible for r in self.replica_objs)
         # (A replica that cancels calls where they run — Ray — owns a scope per call
         # instead: see _call_interruptible.)
-        self._scoped = not (
-            self.node.info.mode == "function"
-            and self.node.kind != "shard"
-            and all(isinstance(r, LoopReplica) for r in self.replica_objs)
-        ) and not any(r.interruptible for r in self.replica_objs)
+        self._scoped = (
+            not (
+                self.node.info.mode == "function"
+                and self.node.kind != "shard"
+                and all(isinstance(r, LoopReplica) for r in self.replica_objs)
+            )
+            and not self._interruptible
+        )
         # A replica that keeps several items in flight (a Ray actor) gets a worker per item.
         self._lanes = [i for i, r in enumerate(self.replica_objs) for _ in range(r.in_flight)]
         if len(self._lanes) > self.replicas:
@@ -596,7 +601,8 @@ class NodeRunner:
         because its stream's reader is behind. A generator for a stream whose buffer is
         full waits for its reader (in that task, so this node's workers move on): what a
         stream holds is its buffer plus what was already on its way to the exit."""
-        detach = collect is None and self.tg is not None
+        # (Not a Ray generator: its stream stays with the lane that opened it.)
+        detach = collect is None and self.tg is not None and not self._interruptible
         while True:
             start = time.perf_counter()
             try:
