@@ -71,6 +71,14 @@ class Probe:
         await self._event(key).wait()
         return self.values.get(key)
 
+    async def wait_any(self, *keys: str) -> str:
+        """Wait until one of ``keys`` is set; returns that key."""
+        waits = {asyncio.ensure_future(self._event(k).wait()): k for k in keys}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return waits[next(iter(done))]
+
     async def add(self, key: str) -> int:
         self.counts[key] += 1
         n = self.counts[key]

@@ -150,14 +150,15 @@ async def test_leaving_streams_early_many_times_always_stops_the_actors_generato
 ) -> None:
     def tokens(n: int) -> Iterator[int]:
         # Odd n: between tokens the body waits on a Ray call of its own (for the reader's
-        # go-ahead); even n: it runs free until backpressure pauses it.
+        # go-ahead, or for the reader to have left); even n: it runs free until
+        # backpressure pauses it.
         i = 0
         error = None
         try:
             while True:
                 yield i
                 if n % 2:
-                    ray.get(probe.wait.remote(f"go-{n}-{i}"))
+                    ray.get(probe.wait_any.remote(f"go-{n}-{i}", f"left-{n}"))
                 i += 1
         except BaseException as exc:  # what leaving the stream did to the body
             error = type(exc).__name__
@@ -177,10 +178,11 @@ async def test_leaving_streams_early_many_times_always_stops_the_actors_generato
                 if n % 2:
                     await get(probe.set.remote(f"go-{n}-{token}"))
             if n % 2:
-                # The body is inside its own Ray call: it finishes, the next yield stops
-                # the generator (as with thread placement; Ray's recursive cancel used
-                # to fail that call with TaskCancelledError).
-                await get(probe.set.remote(f"go-{n}-{stop_at}"))
+                # The body is inside its own Ray call: it finishes, and the first yield
+                # after the stop reached the actor ends the generator (as with thread
+                # placement), never an exception raised inside the body (Ray's cancel
+                # raised TaskCancelledError in that call, or KeyboardInterrupt).
+                await get(probe.set.remote(f"left-{n}"))
             # Each generator stopped cleanly in the actor, its finally ran to the end.
             i, error = await get(probe.wait.remote(f"closed-{n}"), timeout=20)
             assert (i >= stop_at, error) == (True, "GeneratorExit"), n

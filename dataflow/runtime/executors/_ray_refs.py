@@ -129,11 +129,13 @@ class RayStream:
         self._gen: Any = gen  # ray.ObjectRefGenerator; None once closed
         self.finished = False
 
-    async def next_ref(self) -> Any:
-        """The ref of the next output, or :data:`END`."""
+    async def next_ref(self, *, poll: bool = False) -> Any:
+        """The ref of the next output, or :data:`END`. ``poll`` waits through Ray's
+        readiness callbacks even on asyncio: after a cancelled ``__anext__``, awaiting
+        the generator again can miss the output it was waiting for."""
         gen = self._gen
         assert gen is not None, "stream used after close()"
-        if self._backend.name == "asyncio":
+        if self._backend.name == "asyncio" and not poll:
             try:
                 return await gen.__anext__()
             except StopAsyncIteration:
@@ -150,6 +152,17 @@ class RayStream:
             # Nothing yet: wait for the next output, or the task's end, to exist.
             expected, _ = gen.worker.core_worker.peek_object_ref_stream(gen._generator_ref)
             await ready(self._backend, expected, gen.completed())
+
+    async def drain(self, limit: float) -> None:
+        """Read (and drop) what the generator still yields until it ends, for at most
+        ``limit`` seconds: a generator told to stop then ends at its next yield, one
+        paused by backpressure resumes to see its stop, and nothing interrupts the body
+        mid-way. :meth:`close` cancels whatever is still running afterwards."""
+        import anyio
+
+        with anyio.CancelScope(shield=True), anyio.move_on_after(limit):
+            while not self.finished and self._gen is not None:
+                await self.next_ref(poll=True)
 
     def close(self) -> None:
         """Cancel the task (if not finished) and delete the stream in Ray now; a

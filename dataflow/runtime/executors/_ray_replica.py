@@ -19,6 +19,7 @@ from ._ray_refs import END, RayRef, RayStream, arg, has_refs, value_of
 
 __all__ = ["ActorLost", "RayReplica"]
 
+_STOP_S = 5.0  # the most leaving a stream waits for the actor's generator to stop
 _TEARDOWN_S = 30.0  # the most ``stop()`` waits for a body's teardown() in its actor
 
 
@@ -259,10 +260,13 @@ class RayReplica(Replica):
             if not stream.finished:
                 try:
                     actor.stop.remote(sid)  # it returns after its current yield
-                except Exception:  # the actor is gone
+                    # Read what it yields until then: a cancel would raise
+                    # KeyboardInterrupt wherever the body is (its own Ray call, its
+                    # finally). Only a body that does not reach a yield in time is
+                    # cancelled, by close().
+                    await stream.drain(_STOP_S)
+                except Exception:  # the actor is gone, or the body raised meanwhile
                     pass
-            # Cancel and delete the stream now: a generator paused by backpressure
-            # resumes (and sees its stop), rather than waiting for the GC to drop it.
             stream.close()
 
 
