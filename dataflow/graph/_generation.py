@@ -460,8 +460,6 @@ class GenerationBody:
         Raises:
             InvalidRequest: bad parameters or an empty prompt.
         """
-        from ..runtime._generation import generate_one
-
         params = SamplingParams.from_request(
             self.config,
             self.node_name,
@@ -480,7 +478,21 @@ class GenerationBody:
         ids = self.config.prompt_ids(prompt)
         params = params.fit(self.node_name, len(ids), _max_positions(self.model))
         for index in range(params.n):
-            yield from generate_one(self.model, self.config, ids, params, index)
+            yield from _unbatched[0](self.model, self.config, ids, params, index)
+
+
+# The unbatched decoder samples, so it lives in the runtime, which registers it here when
+# it is imported (importing ``dataflow`` does): this description layer never imports
+# execution.
+UnbatchedDecoder = Callable[
+    [StepModel, GenerationConfig, list[int], SamplingParams, int], Iterator[Any]
+]
+_unbatched: list[UnbatchedDecoder] = []
+
+
+def register_unbatched(decoder: UnbatchedDecoder) -> None:
+    """Install the runtime's one-sequence decoder (used by a body called directly)."""
+    _unbatched[:] = [decoder]
 
 
 def _max_positions(model: Any) -> int | None:

@@ -6,6 +6,7 @@ Everything that runs lives here; ``dataflow.graph`` only describes, and
 
 from __future__ import annotations
 
+from . import _generation  # noqa: F401  (registers the unbatched decoder with graph/)
 from ._backend import Backend, current_backend
 from ._channel import BrokenChannel, Channel, EndOfChannel
 

@@ -42,7 +42,13 @@ import anyio
 import torch
 
 from .._errors import DataflowError
-from ..graph._generation import GenerationConfig, SamplingParams, StepModel, _max_positions
+from ..graph._generation import (
+    GenerationConfig,
+    SamplingParams,
+    StepModel,
+    _max_positions,
+    register_unbatched,
+)
 from ._request import PENDING, Item, Request, Sink
 from ._sampling import Decoding, sample
 from .executors import LoopReplica
@@ -86,6 +92,9 @@ def generate_one(
             logits = _matrix(model.step([0], [token]), 1)
     finally:
         model.free(0)
+
+
+register_unbatched(generate_one)
 
 
 # -- the batched runtime ---------------------------------------------------------------

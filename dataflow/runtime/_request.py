@@ -26,12 +26,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._errors import DataflowError
+from .._errors import DataflowError, InvalidRequest, NodeError
 
 if TYPE_CHECKING:
     from ._backend import Backend
 
-__all__ = ["Deadlines", "Item", "Request", "RequestCounters", "Sink"]
+__all__ = ["Deadlines", "Item", "Request", "RequestCounters", "Sink", "node_error"]
 
 PENDING, SUCCEEDED, FAILED, CANCELLED = 0, 1, 2, 3
 STATE_NAMES = ("pending", "succeeded", "failed", "cancelled")
@@ -409,3 +409,12 @@ class Deadlines:
             delay = heap[0][0] - now if heap else math.inf
             with anyio.move_on_after(delay):
                 await self.backend.park(self._waiters)
+
+
+def node_error(node: str, req: Request, exc: BaseException) -> DataflowError:
+    """The error a request fails with when node ``node`` raised ``exc`` for it."""
+    if isinstance(exc, InvalidRequest):
+        return exc  # the body judged the request's input: the caller's error, as raised
+    err = NodeError(node, req.id, exc)
+    err.__cause__ = exc
+    return err

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._errors import DataflowError, InvalidRequest, NodeError
+from .._errors import NodeError
 from ..graph import Node
-from ._backend import Abandoned
+from ._borrow import borrow
 from ._channel import BrokenChannel, Channel
-from ._request import FAILED, PENDING, SUCCEEDED, Item, Request, Sink, Tag
-from .executors import LoopReplica, Replica, ThreadReplica, make_replica
+from ._hops import Output, advance, deliver, deliver_nowait
+from ._ordering import OrderedOutputs, _Slot
+from ._request import FAILED, PENDING, SUCCEEDED, Item, Request, Tag, node_error
+from .executors import LoopReplica, Replica, make_replica
 
 if TYPE_CHECKING:
     from ._backend import Backend
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["NodeRunner", "NodeStats", "Output", "advance", "deliver", "deliver_nowait"]
 
-Output = tuple[Channel[Item] | Sink, int]  # (where to, port at the receiving node)
-Advanced = tuple[list[Item], Channel[Item] | Sink, int]
+# The hop functions live in ``_hops``; re-exported for the engine and the scheduler.
+
 
 _TAKE = 64  # most items one worker takes from its input at once
 _FAIR = 256  # items processed without suspending before yielding to the loop
@@ -66,26 +68,6 @@ def _unset(value: Any) -> Any:
     raise RuntimeError("inline body used before the node started")
 
 
-def _node_error(node: str, req: Request, exc: BaseException) -> DataflowError:
-    if isinstance(exc, InvalidRequest):
-        return exc  # the body judged the request's input: the caller's error, as raised
-    err = NodeError(node, req.id, exc)
-    err.__cause__ = exc
-    return err
-
-
-class _Slot:
-    """The outputs of one input of an ordered, replicated node."""
-
-    __slots__ = ("done", "live", "outs", "waiters")
-
-    def __init__(self, live: bool) -> None:
-        self.outs: list[Item] = []
-        self.done = False
-        self.live = live  # emits directly: every earlier input is out
-        self.waiters: deque[Any] = deque()  # its producer, waiting for it to go live
-
-
 class _Gather:
     """A merge's pending parts for one request: tag prefix -> (expected, parts)."""
 
@@ -95,7 +77,7 @@ class _Gather:
         self.groups: dict[Tag, tuple[int, dict[int, Any]]] = {}
 
 
-class NodeRunner:
+class NodeRunner(OrderedOutputs):
     """Executes one node of a running graph."""
 
     def __init__(
@@ -261,32 +243,8 @@ class NodeRunner:
         )
 
     async def borrow(self, it: Item) -> None:
-        """Process ``it`` in the caller's task, as the worker would.
-
-        A request entering an idle graph then costs one switch to the replica's thread
-        and back, not three task switches on top. The worker, if woken meanwhile,
-        waits until the borrow ends, so the order of items is kept. If the request
-        ends first (deadline, shutdown), the caller stops waiting for the body at once,
-        as it would have waiting for the worker.
-        """
-        self._borrowed = True
-        try:
-            replica = self.replica_objs[0]
-            if (
-                isinstance(replica, ThreadReplica)
-                and self.node.info.mode == "function"
-                and self.node.kind != "shard"
-                and self.node.timeout is None
-            ):
-                await self._borrow_thread_call(replica, it)
-                return
-            self.stats.items_in += 1
-            self.inbox.stats.items += 1  # it crossed the edge, if not the queue
-            await self._process(0, it, None, scoped=True)
-        finally:
-            self._borrowed = False
-            if self._borrow_waiters:
-                self.backend.wake_all(self._borrow_waiters)
+        """Process ``it`` in the caller's task, as the worker would (see ``_borrow``)."""
+        await borrow(self, it)
 
     def inline(self, items: list[Item]) -> list[Item]:
         """Process ``items`` now, in the caller's task (this node's worker is parked
@@ -297,45 +255,6 @@ class NodeRunner:
         self.stats.busy_s[0] += elapsed
         self.stats.service.append(elapsed / len(items))
         return done
-
-    async def _borrow_thread_call(self, replica: ThreadReplica, it: Item) -> None:
-        """The common borrow — one call into the replica's thread — without a cancel
-        scope: the request's end abandons the wait directly."""
-        req = it.req
-        self.stats.items_in += 1
-        self.inbox.stats.items += 1
-
-        handle = 0
-
-        def on_end(give_up: Callable[[], None]) -> None:
-            nonlocal handle
-            handle = req.own(give_up)
-
-        start = time.perf_counter()
-        try:
-            it.value = await replica.call_until(it.value, self._kwargs(req), on_end)
-        except Abandoned:
-            self.stats.cancelled += 1  # its request ended while the body ran
-            return
-        except Exception as exc:
-            self.stats.failed += 1
-            req.fail(_node_error(self.name, req, exc))
-            return
-        finally:
-            req.disown(handle)
-            self._computed(0, req, start)
-        out = self.outputs[0][0] if len(self.outputs) == 1 else None
-        if (type(out) is Channel and len(out) < out.capacity) or type(out) is Sink:
-            # Room, or the sink of a request that is not a stream: this does not wait.
-            await self.emit(it)
-            return
-        # The output may be full: stop waiting for room if the request ends meanwhile.
-        with anyio.CancelScope() as scope:
-            handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
-            try:
-                await self.emit(it)
-            finally:
-                req.disown(handle)
 
     def _apply(self, fn: Callable[[Any], Any], items: list[Item]) -> list[Item]:
         """Run a simple body on each live item; failures end only their request."""
@@ -350,7 +269,7 @@ class NodeRunner:
                 it.value = fn(it.value)
             except Exception as exc:
                 stats.failed += 1
-                req.fail(_node_error(self.name, req, exc))
+                req.fail(node_error(self.name, req, exc))
                 continue
             done.append(it)
         stats.items_in += len(items)
@@ -525,7 +444,7 @@ class NodeRunner:
                 await self._emit(it, collect)
         except Exception as exc:
             self.stats.failed += 1
-            req.fail(_node_error(self.name, req, exc))
+            req.fail(node_error(self.name, req, exc))
 
     def _kwargs(self, req: Request) -> dict[str, Any]:
         if self._all_params:
@@ -645,7 +564,7 @@ class NodeRunner:
                         handed = await self._pump(index, req, item.tag[:-1], outs, None, i, True)
                 except Exception as exc:
                     self.stats.failed += 1
-                    req.fail(_node_error(self.name, req, exc))
+                    req.fail(node_error(self.name, req, exc))
                 finally:
                     req.disown(handle)
             if scope.cancelled_caught:
@@ -724,46 +643,6 @@ class NodeRunner:
             if not out.put_nowait(copy):
                 await out.send(copy)
 
-    # -- order across replicas ----------------------------------------------------------
-    # Each input gets a sequence number when taken. The oldest unfinished one (the head)
-    # emits as it goes, so a generator at the head streams; later ones hold their
-    # outputs until they become the head. At most ``_window`` inputs are in progress.
-    def _open_seq(self) -> tuple[int, _Slot]:
-        seq = self._seq
-        self._seq += 1
-        slot = self._slots[seq] = _Slot(live=seq == self._head)
-        return seq, slot
-
-    async def _deposit(self, seq: int, outs: list[Item]) -> None:
-        """Hand in the whole output of input ``seq`` (a batch worker's way)."""
-        slot = self._slots.get(seq)
-        if slot is None:
-            slot = self._slots[seq] = _Slot(live=False)
-        slot.outs.extend(outs)
-        slot.done = True
-        if seq == self._head:
-            await self._advance()
-
-    async def _advance(self) -> None:
-        """Flush finished inputs from the head on; make the next unfinished one live."""
-        if self._flushing:
-            return  # the task already flushing will get there
-        self._flushing = True
-        try:
-            while (slot := self._slots.get(self._head)) is not None:
-                while slot.outs:
-                    await self.emit(slot.outs.pop(0))
-                if not slot.done:
-                    slot.live = True
-                    if slot.waiters:
-                        self.backend.wake_all(slot.waiters)
-                    break
-                del self._slots[self._head]
-                self._head += 1
-                self.backend.wake_all(self._window_waiters)
-        finally:
-            self._flushing = False
-
     def _drop_gather(self, rid: int) -> None:
         self._gather.pop(rid, None)
 
@@ -774,56 +653,4 @@ class NodeRunner:
     def fail_pending(self, req: Request, exc: BaseException) -> None:
         if req.state == PENDING:
             self.stats.failed += 1
-            req.finish(FAILED, _node_error(self.name, req, exc))
-
-
-def advance(items: list[Item], dest: Channel[Item] | Sink, port: int) -> Advanced:
-    """Run idle downstream nodes on ``items`` in the current task.
-
-    While the next node's only worker is parked on an empty input, a hop through its
-    channel would only wake it to do what can be done right here; so its body runs now
-    and the items move on to its output. This stops at a node that is busy, has items
-    queued, or is not simple, and returns what is left to enqueue there (Flink chains
-    operators statically; this chains them only while they are idle, so queues,
-    capacities and backpressure are untouched under load).
-    """
-    while items and type(dest) is Channel:
-        runner = dest.consumer
-        if runner is None or not runner.inline_sync or not runner.parked or len(dest):
-            break
-        dest.stats.items += len(items)  # they crossed the edge, if not the queue
-        items = runner.inline(items)
-        if not items:
-            break
-        dest, port = runner.outputs[0]
-    return items, dest, port
-
-
-def deliver_nowait(items: list[Item], dest: Channel[Item] | Sink, port: int) -> bool:
-    """Enqueue ``items`` at ``dest`` if there is room for all; otherwise enqueue what fits
-    and leave the rest in ``items`` (removing what was enqueued) and return False."""
-    if port:
-        for it in items:
-            it.port = port
-    if type(dest) is Channel:
-        if dest.broken:
-            return False  # let the slow path raise BrokenChannel
-        room = dest.capacity - len(dest)
-        if len(items) <= room:
-            dest.put_many(items)
-            return True
-        if room > 0:
-            dest.put_many(items[:room])
-            del items[:room]
-        return False
-    while items:
-        if not dest.put_nowait(items[0]):
-            return False
-        del items[0]
-    return True
-
-
-async def deliver(items: list[Item], dest: Channel[Item] | Sink) -> None:
-    """Send ``items`` to ``dest`` one by one, waiting for room (the slow path)."""
-    for it in items:
-        await dest.send(it)
+            req.finish(FAILED, node_error(self.name, req, exc))
