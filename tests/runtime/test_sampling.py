@@ -15,6 +15,8 @@ import dataflow as df
 from dataflow.graph._generation import GenerationConfig, SamplingParams
 from dataflow.runtime._sampling import Decoding, _top_p, sample
 
+from .test_generation import Script
+
 pytestmark = pytest.mark.anyio
 
 VOCAB = 24
@@ -35,31 +37,6 @@ class Table:
 
     def free(self, slot: int) -> None:
         pass
-
-
-class Script:
-    """Plays back ``text``'s UTF-8 bytes whatever the prompt (byte vocabulary)."""
-
-    def __init__(self, max_batch: int, text: str) -> None:
-        self.data = text.encode("utf-8")
-        self.pos = [0] * max_batch
-
-    def _logits(self, slot: int) -> torch.Tensor:
-        out = torch.zeros(256)
-        out[self.data[self.pos[slot] % len(self.data)]] = 10.0
-        return out
-
-    def prefill(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
-        self.pos[slot] = 0
-        return self._logits(slot)
-
-    def step(self, slots: Sequence[int], last: Sequence[int]) -> torch.Tensor:
-        for s in slots:
-            self.pos[s] += 1
-        return torch.stack([self._logits(s) for s in slots])
-
-    def free(self, slot: int) -> None:
-        self.pos[slot] = 0
 
 
 def table_node(**options: Any) -> df.Node:
