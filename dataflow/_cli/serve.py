@@ -100,10 +100,12 @@ def main(args: argparse.Namespace) -> int:
     names = ", ".join(g.name for g in graphs)
     print(f"serving {names} on http://{host}:{port}", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
+    served = server(config, app.state.serve.requests, args.grace)
     with sock:
         try:
-            server(config, app.state.serve.requests, args.grace).run(sockets=[sock])
-        except KeyboardInterrupt:
-            # a Ctrl-C before the server started
-            pass
-    return 0
+            served.run(sockets=[sock])
+        except KeyboardInterrupt:  # a Ctrl-C before the server started
+            return 130
+    # A graceful stop after Ctrl-C still says "interrupted", as every other command
+    # does; SIGTERM (how a supervisor stops a server) is a clean exit.
+    return 130 if getattr(served, "interrupted", False) else 0

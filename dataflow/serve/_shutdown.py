@@ -64,7 +64,11 @@ def server(config: Any, cancellable: Cancellable, grace: float) -> Any:
     config.timeout_graceful_shutdown = grace + BACKSTOP_S
 
     class GracefulServer(uvicorn.Server):
+        interrupted = False  # stopped by Ctrl-C (SIGINT) rather than SIGTERM
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if sig == signal.SIGINT:
+                self.interrupted = True
             if self.should_exit and sig == signal.SIGINT:
                 print("second Ctrl-C: exiting now", file=sys.stderr, flush=True)
                 os._exit(130)

@@ -285,4 +285,4 @@ def test_api_key_from_the_environment() -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert proc.returncode == 130 and "Traceback" not in err, err
