@@ -1,12 +1,15 @@
-"""Shared helpers for the benchmarks: a plain-text table and the results file."""
+"""Shared helpers for the benchmarks: a plain-text table, the results file, and Poisson
+clients streaming through an engine."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +42,74 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     return path
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The ``q``-quantile of ``xs`` by nearest rank (NaN when empty)."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+async def poisson_clients(
+    graph: Any,
+    node: str,
+    prompts: Sequence[str],
+    *,
+    clients: int,
+    rounds: int,
+    gap_s: float,
+    params: Callable[[int, int], dict[str, Any]],
+    count: Callable[[Any], int],
+) -> dict[str, Any]:
+    """``clients`` clients, each streaming ``rounds`` prompts through an engine of
+    ``graph`` after exponential think times (Poisson arrivals): tokens/s, time to first
+    token and inter-token gaps (only outputs that ``count`` gives tokens are timed), and
+    the mean rows per step of generate node ``node``. ``params(client, round)`` are the
+    request's parameters."""
+    import anyio
+
+    import dataflow as df
+
+    rng = random.Random(0)
+    ttft: list[float] = []
+    gaps: list[float] = []
+    produced = 0
+
+    async def client(c: int) -> None:
+        nonlocal produced
+        for r in range(rounds):
+            await anyio.sleep(rng.expovariate(1 / gap_s))  # Poisson arrivals per client
+            sent = time.perf_counter()
+            last = None
+            async for chunk in engine.stream(prompts[(c + r) % len(prompts)], **params(c, r)):
+                n = count(chunk)
+                if n:
+                    now = time.perf_counter()
+                    if last is None:
+                        ttft.append(now - sent)
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    produced += n
+
+    async with df.Engine(graph) as engine:
+        await engine.run("warm up", max_new_tokens=4)  # weights loaded, first call done
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for c in range(clients):
+                tg.start_soon(client, c)
+        wall = time.perf_counter() - start
+        sizes = engine.stats()["nodes"][node]["batch_sizes"]
+    steps = sum(sizes.values())
+    return {
+        "tokens_per_s": produced / wall,
+        "wall_s": wall,
+        "tokens": produced,
+        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
+        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
+        "itl_p50_ms": pct(gaps, 0.5) * 1000,
+        "itl_p99_ms": pct(gaps, 0.99) * 1000,
+        "mean_rows_per_step": sum(k * v for k, v in sizes.items()) / max(steps, 1),
+    }

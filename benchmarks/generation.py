@@ -22,15 +22,13 @@ reasons) instead of plain text, to measure what the per-token bookkeeping costs.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from typing import Any
 
 import anyio
 import torch
-from _common import table, write_result
+from _common import poisson_clients, table, write_result
 
-import dataflow as df
 from graphs import tiny_lm
 from graphs._tiny_lm_model import load_tiny_lm
 
@@ -45,13 +43,6 @@ PROMPTS = [
     "# Copyright",
     "    def __init__(self",
 ]
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def static_loop(tokens: int, temperature: float) -> dict[str, float]:
@@ -94,51 +85,28 @@ async def engine_run(
     tokens: int, temperature: float, rounds: int, gap_s: float, threads: int, details: bool
 ) -> dict[str, Any]:
     graph = tiny_lm.build(max_batch=BATCH, threads=threads)
-    rng = random.Random(0)
-    ttft: list[float] = []
-    gaps: list[float] = []
-    produced = 0
 
-    async def client(c: int) -> None:
-        nonlocal produced
-        for r in range(rounds):
-            await anyio.sleep(rng.expovariate(1 / gap_s))  # Poisson arrivals per client
-            sent = time.perf_counter()
-            last = None
-            async for chunk in engine.stream(
-                PROMPTS[(c + r) % len(PROMPTS)],
-                max_new_tokens=tokens,
-                temperature=temperature,
-                seed=c * 100 + r,
-                details=details,
-            ):
-                now = time.perf_counter()
-                if last is None:
-                    ttft.append(now - sent)
-                else:
-                    gaps.append(now - last)
-                last = now
-                produced += len(chunk.token_ids) if details else len(chunk.encode())
+    def params(c: int, r: int) -> dict[str, Any]:
+        return {
+            "max_new_tokens": tokens,
+            "temperature": temperature,
+            "seed": c * 100 + r,
+            "details": details,
+        }
 
-    async with df.Engine(graph) as engine:
-        await engine.run("warm up", max_new_tokens=4)  # weights loaded, first call done
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for c in range(BATCH):
-                tg.start_soon(client, c)
-        wall = time.perf_counter() - start
-        sizes = engine.stats()["nodes"]["tiny_lm"]["batch_sizes"]
-    steps = sum(sizes.values())
-    return {
-        "tokens_per_s": produced / wall,
-        "wall_s": wall,
-        "tokens": produced,
-        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
-        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
-        "itl_p50_ms": pct(gaps, 0.5) * 1000,
-        "itl_p99_ms": pct(gaps, 0.99) * 1000,
-        "mean_rows_per_step": sum(k * v for k, v in sizes.items()) / max(steps, 1),
-    }
+    def count(chunk: Any) -> int:
+        return len(chunk.token_ids) if details else len(chunk.encode())
+
+    return await poisson_clients(
+        graph,
+        "tiny_lm",
+        PROMPTS,
+        clients=BATCH,
+        rounds=rounds,
+        gap_s=gap_s,
+        params=params,
+        count=count,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -27,15 +27,13 @@ and each keeps its best run, so load from other processes does not favour one of
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from typing import Any
 
 import anyio
 import torch
-from _common import table, write_result
+from _common import poisson_clients, table, write_result
 
-import dataflow as df
 from graphs import hf_lm
 
 BATCH = 32
@@ -49,13 +47,6 @@ PROMPTS = [
     "# Copyright",
     "    def __init__(self",
 ]
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def load(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -157,52 +148,25 @@ async def engine_run(
     graph = hf_lm.build(
         max_batch=BATCH, threads=threads, placement=placement, dtype=dtype, eos=[], top_k=0
     )
-    rng = random.Random(0)
-    ttft: list[float] = []
-    gaps: list[float] = []
-    produced = 0
 
-    async def client(c: int) -> None:
-        nonlocal produced
-        for r in range(rounds):
-            await anyio.sleep(rng.expovariate(1 / gap_s))  # Poisson arrivals per client
-            sent = time.perf_counter()
-            last = None
-            async for chunk in engine.stream(
-                PROMPTS[(c + r) % len(PROMPTS)],
-                max_new_tokens=tokens,
-                temperature=temperature,
-                seed=c * 100 + r if seeded else None,
-                details=True,
-            ):
-                now = time.perf_counter()
-                if chunk.token_ids:
-                    if last is None:
-                        ttft.append(now - sent)
-                    else:
-                        gaps.append(now - last)
-                    last = now
-                produced += len(chunk.token_ids)
+    def params(c: int, r: int) -> dict[str, Any]:
+        return {
+            "max_new_tokens": tokens,
+            "temperature": temperature,
+            "seed": c * 100 + r if seeded else None,
+            "details": True,
+        }
 
-    async with df.Engine(graph) as engine:
-        await engine.run("warm up", max_new_tokens=4)  # weights loaded, first call done
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for c in range(BATCH):
-                tg.start_soon(client, c)
-        wall = time.perf_counter() - start
-        sizes = engine.stats()["nodes"]["hf_lm"]["batch_sizes"]
-    steps = sum(sizes.values())
-    return {
-        "tokens_per_s": produced / wall,
-        "wall_s": wall,
-        "tokens": produced,
-        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
-        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
-        "itl_p50_ms": pct(gaps, 0.5) * 1000,
-        "itl_p99_ms": pct(gaps, 0.99) * 1000,
-        "mean_rows_per_step": sum(k * v for k, v in sizes.items()) / max(steps, 1),
-    }
+    return await poisson_clients(
+        graph,
+        "hf_lm",
+        PROMPTS,
+        clients=BATCH,
+        rounds=rounds,
+        gap_s=gap_s,
+        params=params,
+        count=lambda chunk: len(chunk.token_ids),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
