@@ -116,6 +116,8 @@ class NodeRunner(OrderedOutputs):
         self._seq = 0
         self._head = 0
         self._slots: dict[int, _Slot] = {}
+        self._tails: dict[int, _Slot] = {}
+        self._open = 0
         self._flushing = False
         self._window = max(2 * self.replicas, 4)
         self._window_waiters: deque[Any] = deque()
@@ -368,7 +370,7 @@ class NodeRunner(OrderedOutputs):
         since_park = 0
         while True:
             if self._ordered:
-                while self._seq - self._head >= self._window:
+                while self._open >= self._window:
                     await self.backend.park(self._window_waiters)
             while self._borrowed:
                 await self.backend.park(self._borrow_waiters)
@@ -381,13 +383,11 @@ class NodeRunner(OrderedOutputs):
             for it in items:
                 self.stats.items_in += 1
                 if self._ordered:
-                    seq, slot = self._open_seq()
+                    slot = self._open_slot(it.req)
                     try:
                         await self._process(index, it, slot)
                     finally:
-                        slot.done = True
-                        if seq == self._head:
-                            await self._advance()
+                        await self._close_slot(it.req, slot)
                 else:
                     await self._process(index, it, None)
             since_park += len(items)
@@ -607,7 +607,8 @@ class NodeRunner(OrderedOutputs):
             return
         collect.outs.append(it)  # an earlier input's outputs are still to go out
         # Bounded: a later input holds at most its stream's buffer of outputs, then waits
-        # until it is the head (its request's end interrupts the wait: owned scope).
+        # until its request's earlier input is out (the request's end interrupts the
+        # wait: owned scope).
         req = it.req
         while not collect.live and len(collect.outs) > req.buffer_limit:
             if req.state != PENDING:
