@@ -15,6 +15,18 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# Prompts the generation benchmarks cycle through (Python-shaped, like the LMs' corpus).
+PROMPTS = [
+    "def main(",
+    "import os\n",
+    "class Parser:\n    def ",
+    "    return ",
+    "for i in range(",
+    "if __name__ == ",
+    "# Copyright",
+    "    def __init__(self",
+]
+
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     """Format ``rows`` under ``header`` as an aligned text table."""

@@ -27,22 +27,12 @@ from typing import Any
 
 import anyio
 import torch
-from _common import poisson_clients, table, write_result
+from _common import PROMPTS, poisson_clients, table, write_result
 
 from graphs import tiny_lm
 from graphs._tiny_lm_model import load_tiny_lm
 
 BATCH = 32
-PROMPTS = [
-    "def main(",
-    "import os\n",
-    "class Parser:\n    def ",
-    "    return ",
-    "for i in range(",
-    "if __name__ == ",
-    "# Copyright",
-    "    def __init__(self",
-]
 
 
 def static_loop(tokens: int, temperature: float) -> dict[str, float]:

@@ -32,21 +32,11 @@ from typing import Any
 
 import anyio
 import torch
-from _common import poisson_clients, table, write_result
+from _common import PROMPTS, poisson_clients, table, write_result
 
 from graphs import hf_lm
 
 BATCH = 32
-PROMPTS = [
-    "def main(",
-    "import os\n",
-    "class Parser:\n    def ",
-    "    return ",
-    "for i in range(",
-    "if __name__ == ",
-    "# Copyright",
-    "    def __init__(self",
-]
 
 
 def load(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
