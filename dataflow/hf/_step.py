@@ -1,22 +1,23 @@
-"""A step model (``df.StepModel``) over any Hugging Face causal LM, with a per-slot KV cache.
+"""A step model (``df.StepModel``) over any Hugging Face causal LM, with a slot-indexed KV cache.
 
-Each slot's cache is kept *compact* — one ``(keys, values)`` pair per layer, each
-``[1, heads, length, head_dim]`` — until the slot runs in a batched ``step``. A step packs
-the slots' caches into one ``DynamicCache`` of ``[batch, heads, longest, head_dim]``
-tensors, left-aligned, with a 2-d attention mask that is 0 on each row's padding and
-per-row ``position_ids`` (each row's own length), then runs one forward for all rows.
+The cache is preallocated: per layer one keys and one values tensor of
+``[max_batch, heads, capacity, head_dim]``, a row per slot, and a ``[max_batch, capacity]``
+mask of the columns each row holds. Every step writes its new column in place, at the
+same column ``C`` for every row, and the model attends over a view of the columns
+``[lo, C]`` (``lo``: the first column any stepping row holds) — nothing is copied per
+step, where a ``DynamicCache`` concatenates (copies) the whole cache at every layer.
 
-While the same slots step together, tick after tick (the steady state of continuous
-batching), the packed cache the model returned is reused as it is: the model appends one
-column per step and the mask grows with it. When slots join or leave, the next step
-repacks: the rows that stay move over in one indexed copy per layer (padding columns and
-all), joining rows are copied in from their compact caches, rows that sit this step out
-(parked) are compacted, and freed rows are dropped. Padding is bounded: when the packed
-columns exceed twice the longest row, every row is compacted first.
-
-Prefill runs one forward per prompt (``prefill``) or one right-padded forward for all the
-prompts that joined in a tick (``prefill_many``); right padding keeps every real token's
-attention the same as unbatched, and only each row's real columns are kept.
+* ``prefill`` / ``prefill_many`` run the prompts in a fresh ``DynamicCache`` (one
+  right-padded forward for all the prompts that join in a tick: right padding keeps every
+  real token's attention the same as unbatched) and copy each row's real columns into its
+  slot's row, right-aligned at ``C`` so that a new row's columns end where the others'
+  do. A prompt longer than ``C`` moves ``C`` on (the other rows get masked columns).
+* ``step(slots, tokens)`` runs the rows ``0 .. max(slots)`` in one forward when at least
+  half of them step (the others, free or sitting the step out, get a dummy token whose
+  column stays masked), or gathers the stepping rows' window when few do. Per-row
+  ``position_ids`` are each row's own length; the 2-d mask is each row's held columns.
+* When ``C`` reaches the capacity, every row's columns shift left together (one copy),
+  and the capacity doubles only if the live rows still need it.
 
 Model arguments are passed by keyword (``cache=`` per transformers 5; GPT-2's ``forward``
 takes the cache as its second positional parameter). Logits are returned on the CPU as
@@ -25,8 +26,8 @@ float32 ``[n, V]`` for the runtime's sampler.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,17 +37,40 @@ from .._errors import InvalidRequest
 __all__ = ["HFStepModel"]
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
+_MIN_CAPACITY = 64
 
 
-@dataclass
-class _Packed:
-    """The cache of the slots that stepped last, packed: rows in ``slots`` order."""
+@functools.cache
+def _layer_class() -> type[Any]:
+    """A transformers cache layer that writes into, and reads a window of, the slot cache."""
+    from transformers.cache_utils import CacheLayerMixin
 
-    slots: list[int]
-    cache: Any  # a transformers DynamicCache
-    mask: torch.Tensor  # [rows, columns], 1 where a row has a real token
-    lengths: list[int]  # real tokens per row
-    dead: set[int] = field(default_factory=set)  # slots freed since (rows dropped at repack)
+    class SlotLayer(CacheLayerMixin):  # type: ignore[misc]
+        is_sliding = False
+
+        def __init__(self, owner: HFStepModel, index: int) -> None:
+            super().__init__()
+            self.owner, self.index = owner, index
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            pass
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.owner._write(self.index, key_states, value_states)
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.owner._width, 0
+
+        def get_seq_length(self) -> int:
+            return self.owner._width - 1
+
+        def get_max_length(self) -> int:
+            return -1
+
+    return SlotLayer
 
 
 class HFStepModel:
@@ -59,20 +83,30 @@ class HFStepModel:
     """
 
     def __init__(self, model: Any, max_batch: int, max_positions: int | None = None) -> None:
-        from transformers import DynamicCache
+        from transformers import Cache, DynamicCache
 
         self.model = model
         self.max_batch = max_batch
         if max_positions is not None:
             self.max_positions = max_positions
         self._dynamic_cache = DynamicCache
+        self._cache_class = Cache
         self.device = next(model.parameters()).device
         embeddings = model.get_input_embeddings()
         # Token ids the embedding has rows for: a larger id is an IndexError on the CPU
         # and a device-side assert (which poisons the process's CUDA context) on a GPU.
         self.vocab: int | None = getattr(embeddings, "num_embeddings", None)
-        self._compact: dict[int, KV] = {}
-        self._packed: _Packed | None = None
+        self._keys: list[torch.Tensor] = []  # per layer [max_batch, heads, capacity, dim]
+        self._values: list[torch.Tensor] = []
+        self._held = torch.zeros(max_batch, 0, dtype=torch.bool, device=self.device)
+        self._start = [0] * max_batch  # first column a slot holds
+        self._length = [0] * max_batch  # tokens a slot holds (0: free)
+        self._column = 0  # C: where the next step writes, for every row
+        # this forward's rows (None: 0.._rows-1 in place), its window start and width
+        self._index: torch.Tensor | None = None
+        self._rows = 0
+        self._lo = 0
+        self._width = 0
 
     # -- the step-model protocol ---------------------------------------------------------
 
@@ -82,17 +116,7 @@ class HFStepModel:
         Raises:
             InvalidRequest: a token id the model has no embedding for.
         """
-        self._check(slot)
-        self._check_ids(prompt)
-        self.free(slot)
-        with torch.inference_mode():
-            ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-            out = self.model(
-                input_ids=ids, cache=self._dynamic_cache(), use_cache=True, logits_to_keep=1
-            )
-            self._compact[slot] = _layers(out.cache)
-            logits: torch.Tensor = out.logits[0, -1].float().cpu()
-            return logits
+        return self.prefill_many([slot], [prompt])[0]
 
     def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Starts every slot from its prompt in one right-padded forward; logits ``[n, V]``."""
@@ -118,18 +142,18 @@ class HFStepModel:
                 position_ids=positions.to(self.device),
                 cache=self._dynamic_cache(),
                 use_cache=True,
-                logits_to_keep=last[:, None],  # only each row's last real token
+                logits_to_keep=last[:, None] if len(prompts) > 1 else 1,
             )
-            layers = _layers(out.cache)
+            layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+            self._make_room(longest)
+            self._column = max(self._column, longest)
             for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-                self._compact[slot] = [
-                    (k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone())
-                    for k, v in layers
-                ]
-            rows = torch.arange(len(prompts), device=self.device)
+                self._place(slot, layers, row, n)
             kept = out.logits
-            # a model that ignores a per-row logits_to_keep returns every position
-            picked = kept[:, 0] if kept.shape[1] == 1 and longest > 1 else kept[rows, last]
+            if kept.shape[1] == 1:
+                picked = kept[:, 0]
+            else:  # a model that ignores a per-row logits_to_keep returns every position
+                picked = kept[torch.arange(len(prompts), device=self.device), last]
             logits: torch.Tensor = picked.float().cpu()
             return logits
 
@@ -138,39 +162,129 @@ class HFStepModel:
         slots = list(slots)
         if not slots:
             return torch.empty(0, 0)
+        missing = [s for s in slots if not 0 <= s < self.max_batch or not self._length[s]]
+        if missing:
+            raise ValueError(f"step on slot(s) {missing} that were not prefilled")
         with torch.inference_mode():
-            packed = self._packed
-            if packed is None or packed.slots != slots or packed.dead:
-                packed = self._pack(slots)
-            ones = torch.ones(len(slots), 1, dtype=packed.mask.dtype, device=self.device)
-            mask = torch.cat([packed.mask, ones], dim=1)
-            positions = torch.tensor(packed.lengths, device=self.device)[:, None]
-            ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=packed.cache,
-                use_cache=True,
-            )
-            self._packed = _Packed(slots, out.cache, mask, [n + 1 for n in packed.lengths])
-            logits: torch.Tensor = out.logits[:, -1].float().cpu()
-            return logits
+            self._make_room(0)
+            column = self._column
+            rows = max(slots) + 1
+            dense = 2 * len(slots) >= rows
+            if dense:  # rows 0..rows-1 in place; the ones not stepping get a dummy token
+                live = [s for s in range(rows) if self._length[s]]
+                tokens = [0] * rows
+                positions = [self._length[s] for s in range(rows)]
+                for slot, token in zip(slots, last_tokens, strict=True):
+                    tokens[slot] = token
+                self._index = None
+            else:  # few rows step: gather their window
+                live, tokens = slots, list(last_tokens)
+                positions = [self._length[s] for s in slots]
+                self._index = torch.tensor(slots, device=self.device)
+            lo = min(self._start[s] for s in live)
+            self._rows, self._lo, self._width = rows, lo, column + 1 - lo
+            held = self._held[:rows] if dense else self._held[self._index]
+            mask = held[:, lo : column + 1].clone()
+            mask[:, -1] = True  # every row sees its own new token (no row is all masked)
+            where = torch.tensor(slots, device=self.device)
+            try:
+                out = self.model(
+                    input_ids=torch.tensor(tokens, device=self.device)[:, None],
+                    attention_mask=mask,
+                    position_ids=torch.tensor(positions, device=self.device)[:, None],
+                    cache=self._cache_class(
+                        layers=[_layer_class()(self, i) for i in range(len(self._keys))]
+                    ),
+                    use_cache=True,
+                )
+            finally:
+                self._index = None
+            self._held[where, column] = True
+            for slot in slots:
+                self._length[slot] += 1
+            self._column = column + 1
+            logits = out.logits[:, -1]
+            picked = logits[where] if dense else logits
+            result: torch.Tensor = picked.float().cpu()
+            return result
 
     def free(self, slot: int) -> None:
         """Releases ``slot``'s cache (a no-op for a free slot)."""
-        self._compact.pop(slot, None)
-        if self._packed is not None and slot in self._packed.slots:
-            self._packed.dead.add(slot)  # its row is dropped when the batch is next packed
-            if len(self._packed.dead) == len(self._packed.slots):
-                self._packed = None  # nothing alive in it: release it now
+        if 0 <= slot < self.max_batch and self._length[slot]:
+            self._length[slot] = 0
+            with torch.inference_mode():  # the mask is an inference tensor
+                self._held[slot] = False
+            if not any(self._length):
+                self._column = 0  # nothing held: start the columns over
 
     def close(self) -> None:
         """Drops every cache."""
-        self._compact.clear()
-        self._packed = None
+        self._keys, self._values = [], []
+        self._held = self._held[:, :0]
+        self._length = [0] * self.max_batch
+        self._column = 0
 
-    # -- packing -------------------------------------------------------------------------
+    def cached_slots(self) -> list[int]:
+        """The slots holding a cache now."""
+        return [s for s, n in enumerate(self._length) if n]
+
+    # -- the cache -----------------------------------------------------------------------
+
+    def _write(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of a step: the new column written, the window to attend over."""
+        k_all, v_all = self._keys[layer], self._values[layer]
+        column, window = self._column, slice(self._lo, self._column + 1)
+        index = self._index
+        if index is None:
+            k_all[: self._rows, :, column] = keys[:, :, 0]
+            v_all[: self._rows, :, column] = values[:, :, 0]
+            return k_all[: self._rows, :, window], v_all[: self._rows, :, window]
+        k_all[index, :, column] = keys[:, :, 0]
+        v_all[index, :, column] = values[:, :, 0]
+        return k_all[:, :, window].index_select(0, index), v_all[:, :, window].index_select(0, index)
+
+    def _place(self, slot: int, layers: KV, row: int, n: int) -> None:
+        """Row ``row`` of a prefill's cache (its first ``n`` columns) into ``slot``, ending at C."""
+        if not self._keys:  # first use: one zeroed buffer per layer, like the prefill's
+            capacity = self._held.shape[1]
+            for k, v in layers:
+                self._keys.append(k.new_zeros((self.max_batch, k.shape[1], capacity, k.shape[3])))
+                self._values.append(v.new_zeros((self.max_batch, v.shape[1], capacity, v.shape[3])))
+        begin, end = self._column - n, self._column
+        for (k, v), k_all, v_all in zip(layers, self._keys, self._values, strict=True):
+            k_all[slot, :, begin:end] = k[row, :, :n]
+            v_all[slot, :, begin:end] = v[row, :, :n]
+        self._held[slot, begin:end] = True
+        self._start[slot], self._length[slot] = begin, n
+
+    def _make_room(self, n: int) -> None:
+        """Room for a step after C moves to at least ``n``: shift every row's columns left
+        when the capacity is reached, and double the capacity if that is not enough."""
+        capacity = self._held.shape[1]
+        if max(self._column, n) + 1 <= capacity:
+            return
+        live = self.cached_slots()
+        lo = min((self._start[s] for s in live), default=self._column)
+        if lo > 0:
+            keep = slice(lo, self._column)
+            for tensors in (self._keys, self._values):
+                for t in tensors:
+                    t[:, :, : self._column - lo] = t[:, :, keep].clone()
+            self._held[:, : self._column - lo] = self._held[:, keep].clone()
+            self._held[:, self._column - lo :] = False
+            for s in live:
+                self._start[s] -= lo
+            self._column -= lo
+        need = max(self._column, n) + 1
+        if need <= capacity:
+            return
+        while capacity < need:
+            capacity = max(_MIN_CAPACITY, 2 * capacity)
+        self._keys = [_widen(t, capacity) for t in self._keys]
+        self._values = [_widen(t, capacity) for t in self._values]
+        self._held = _widen(self._held, capacity)
 
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
@@ -184,80 +298,12 @@ class HFStepModel:
                 f"the prompt's token id {bad} is out of the model's vocabulary (ids 0..{vocab - 1})"
             )
 
-    def _extract(self, packed: _Packed, row: int) -> KV:
-        """One packed row as a compact cache (its padding columns dropped)."""
-        keep = packed.mask[row].bool()
-        return [
-            (k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in _layers(packed.cache)
-        ]
 
-    def _pack(self, slots: list[int]) -> _Packed:
-        """One packed cache for ``slots``, in that order.
-
-        Rows already in the previous packed cache move over in one indexed copy per layer
-        (their padding columns kept); the others come from their compact caches, left-
-        aligned and zero-padded. Rows of the previous batch that do not step now are
-        compacted and kept; freed ones are dropped. When padding would exceed the real
-        tokens, every row is compacted first.
-        """
-        packed, self._packed = self._packed, None
-        wanted = set(slots)
-        carried: dict[int, int] = {}  # slot -> row in the previous packed cache
-        if packed is not None:
-            for row, slot in enumerate(packed.slots):
-                if slot in packed.dead:
-                    continue
-                if slot in wanted:
-                    carried[slot] = row
-                else:
-                    self._compact[slot] = self._extract(packed, row)
-        missing = [s for s in slots if s not in carried and s not in self._compact]
-        if missing:
-            raise ValueError(f"step on slot(s) {missing} that were not prefilled")
-        old_lengths = packed.lengths if packed is not None else []
-        lengths = [
-            old_lengths[carried[s]] if s in carried else self._compact[s][0][0].shape[2]
-            for s in slots
-        ]
-        old_columns = packed.mask.shape[1] if packed is not None and carried else 0
-        fresh = [self._compact[s][0][0].shape[2] for s in slots if s not in carried]
-        columns = max([old_columns, *fresh])
-        if packed is not None and carried and columns > 2 * max(lengths) + 16:
-            for slot, row in carried.items():  # too much padding: compact everything
-                self._compact[slot] = self._extract(packed, row)
-            carried, columns = {}, max(lengths)
-        dst = torch.tensor([i for i, s in enumerate(slots) if s in carried], device=self.device)
-        src = torch.tensor([carried[s] for s in slots if s in carried], device=self.device)
-        old_layers = _layers(packed.cache) if packed is not None and carried else []
-        n_layers = len(old_layers) or len(self._compact[slots[0]])
-        data = []
-        for layer in range(n_layers):
-            if old_layers:
-                k0, v0 = old_layers[layer]
-            else:
-                k0, v0 = self._compact[slots[0]][layer]
-            keys = k0.new_zeros((len(slots), k0.shape[1], columns, k0.shape[3]))
-            values = v0.new_zeros((len(slots), v0.shape[1], columns, v0.shape[3]))
-            if old_layers:
-                keys[dst, :, :old_columns] = k0[src]
-                values[dst, :, :old_columns] = v0[src]
-            for i, slot in enumerate(slots):
-                if slot not in carried:
-                    k, v = self._compact[slot][layer]
-                    keys[i, :, : k.shape[2]] = k[0]
-                    values[i, :, : v.shape[2]] = v[0]
-            data.append((keys, values))
-        mask = torch.zeros(len(slots), columns, dtype=torch.long, device=self.device)
-        if carried:
-            assert packed is not None
-            mask[dst, :old_columns] = packed.mask[src]
-        for i, slot in enumerate(slots):
-            if slot not in carried:
-                mask[i, : lengths[i]] = 1
-                del self._compact[slot]  # now held by the packed cache
-        return _Packed(slots, self._dynamic_cache(data), mask, lengths)
-
-
-def _layers(cache: Any) -> KV:
-    """A DynamicCache's per-layer ``(keys, values)``."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def _widen(t: torch.Tensor, columns: int) -> torch.Tensor:
+    """``t`` with its column dimension (2 for a cache, 1 for the mask) grown to ``columns``."""
+    dim = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[dim] = columns
+    wider = t.new_zeros(shape)
+    wider.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return wider
