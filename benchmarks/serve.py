@@ -13,8 +13,9 @@ waiting for a slow client share one SSE frame).
 
 Then one client sends ``--roundtrips`` non-streaming requests, one at a time, to a
 loop-only graph (``POST /v1/graphs/echo/run``) and to a bare Starlette handler answering
-the same JSON under uvicorn (another child process): the p50 ratio is the app's overhead
-per request.
+the same JSON under uvicorn (another child process, up at the same time), alternating
+between the two so both meet the same machine: the p50 ratio is the app's overhead per
+request.
 
 Targets (issue 11), in ``benchmarks/results/serve.json``: ``http_vs_in_process_tokens_per_s``
 >= 0.8, ``http_ttft_p50_ms`` <= 20, ``roundtrip_vs_bare_starlette`` <= 1.5.
@@ -210,25 +211,35 @@ async def over_http(url: str, clients: int, tokens: int) -> dict[str, Any]:
     return summarise("http", wall, ttfts, sum(counts))
 
 
-async def roundtrips(url: str, count: int) -> dict[str, float]:
-    """p50/p99 of ``count`` sequential small requests on one keep-alive connection."""
-    times: list[float] = []
-    conn = await Connection.open(url)
+async def roundtrips(urls: list[str], count: int) -> list[dict[str, float]]:
+    """p50/p99 of ``count`` sequential small requests to each of ``urls``, one keep-alive
+    connection each, interleaved (the order alternates every round) so that every server
+    meets the same machine: load from elsewhere hits them alike."""
+    times: list[list[float]] = [[] for _ in urls]
+    conns = [await Connection.open(url) for url in urls]
     body = {"input": {"text": "hello", "n": 1}}
     for i in range(count + 20):
-        start = time.perf_counter()
-        conn.post("/v1/graphs/echo/run", body)
-        out = await conn.json_response()
-        elapsed = time.perf_counter() - start
-        assert out == {"output": body["input"]}, out
-        if i >= 20:  # warm-up
-            times.append(elapsed)
-    conn.close()
-    times.sort()
-    return {
-        "p50_ms": 1000 * times[len(times) // 2],
-        "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
-    }
+        order = range(len(urls)) if i % 2 else reversed(range(len(urls)))
+        for k in order:
+            start = time.perf_counter()
+            conns[k].post("/v1/graphs/echo/run", body)
+            out = await conns[k].json_response()
+            elapsed = time.perf_counter() - start
+            assert out == {"output": body["input"]}, out
+            if i >= 20:  # warm-up
+                times[k].append(elapsed)
+    for conn in conns:
+        conn.close()
+    results = []
+    for samples in times:
+        samples.sort()
+        results.append(
+            {
+                "p50_ms": 1000 * samples[len(samples) // 2],
+                "p99_ms": 1000 * samples[min(len(samples) - 1, int(0.99 * len(samples)))],
+            }
+        )
+    return results
 
 
 def child(cmd: list[str]) -> tuple[subprocess.Popen[str], str]:
@@ -264,14 +275,13 @@ def main() -> None:
     server, url = child(cmd)
     try:
         remote = asyncio.run(over_http(url, args.clients, args.tokens))
-        ours = asyncio.run(roundtrips(url, args.roundtrips))
+        bare_server, bare_url = child([sys.executable, str(HERE), "--bare-server"])
+        try:
+            ours, bare = asyncio.run(roundtrips([url, bare_url], args.roundtrips))
+        finally:
+            stop(bare_server)
     finally:
         stop(server)
-    bare_server, bare_url = child([sys.executable, str(HERE), "--bare-server"])
-    try:
-        bare = asyncio.run(roundtrips(bare_url, args.roundtrips))
-    finally:
-        stop(bare_server)
     tokens_ratio = remote["tokens_per_s"] / local["tokens_per_s"]
     rt_ratio = ours["p50_ms"] / bare["p50_ms"]
     rows = [
