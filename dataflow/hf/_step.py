@@ -45,11 +45,11 @@ def _layer_class() -> type[Any]:
     """A transformers cache layer that writes into, and reads a window of, the slot cache."""
     from transformers.cache_utils import CacheLayerMixin
 
-    class SlotLayer(CacheLayerMixin):  # type: ignore[misc]
+    class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         is_sliding = False
 
         def __init__(self, owner: HFStepModel, index: int) -> None:
-            super().__init__()
+            super().__init__()  # type: ignore[no-untyped-call]
             self.owner, self.index = owner, index
             self.is_initialized = True
 
@@ -243,7 +243,10 @@ class HFStepModel:
             return k_all[: self._rows, :, window], v_all[: self._rows, :, window]
         k_all[index, :, column] = keys[:, :, 0]
         v_all[index, :, column] = values[:, :, 0]
-        return k_all[:, :, window].index_select(0, index), v_all[:, :, window].index_select(0, index)
+        return (
+            k_all[:, :, window].index_select(0, index),
+            v_all[:, :, window].index_select(0, index),
+        )
 
     def _place(self, slot: int, layers: KV, row: int, n: int) -> None:
         """Row ``row`` of a prefill's cache (its first ``n`` columns) into ``slot``, ending at C."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,7 +22,7 @@ from ._channel import BrokenChannel, Channel
 from ._hops import Output, advance, deliver, deliver_nowait
 from ._ordering import OrderedOutputs, _Slot
 from ._request import FAILED, PENDING, SUCCEEDED, Item, Request, Tag, node_error
-from .executors import LoopReplica, Replica, make_replica
+from .executors import Handed, LoopReplica, Replica, UpstreamFailed, make_replica
 
 if TYPE_CHECKING:
     from ._backend import Backend
@@ -62,6 +62,9 @@ class NodeStats:
         self.started = time.perf_counter()
         self.batch_sizes: Counter[int] = Counter()
         self.batch_wait: deque[float] = deque(maxlen=2048)
+
+
+Settle = Callable[[], Awaitable[None]]
 
 
 def _unset(value: Any) -> Any:
@@ -385,11 +388,13 @@ class NodeRunner(OrderedOutputs):
                 if self._ordered:
                     slot = self._open_slot(it.req)
                     try:
-                        await self._process(index, it, slot)
+                        after = await self._process(index, it, slot)
                     finally:
                         await self._close_slot(it.req, slot)
                 else:
-                    await self._process(index, it, None)
+                    after = await self._process(index, it, None)
+                if after is not None:  # its output went on: the next input may follow it
+                    await after()
             since_park += len(items)
             if since_park >= _FAIR:
                 since_park = 0
@@ -397,16 +402,19 @@ class NodeRunner(OrderedOutputs):
 
     async def _process(
         self, index: int, it: Item, collect: _Slot | None, *, scoped: bool = False
-    ) -> None:
+    ) -> Settle | None:
         """Run the body on one item and emit (or collect) what it produces, under a
-        cancel scope the request owns: its end interrupts the body at its next await."""
+        cancel scope the request owns: its end interrupts the body at its next await.
+
+        Returns what is left to await once the output is out and the item's order slot
+        closed: the outcome of a call whose output was handed on before it finished
+        (:class:`Handed`), or None."""
         req = it.req
         if req.state != PENDING:
             self.stats.cancelled += 1
-            return
+            return None
         if not (scoped or self._scoped):
-            await self._process_item(index, it, collect)
-            return
+            return await self._process_item(index, it, collect)
         with anyio.CancelScope() as scope:
             # A success ends the request from inside this scope (the sink): nothing to
             # interrupt then, and cancelling would cost a loop trip.
@@ -417,8 +425,9 @@ class NodeRunner(OrderedOutputs):
                 req.disown(handle)
         if scope.cancelled_caught:
             self.stats.cancelled += 1  # its request ended while the body ran
+        return None
 
-    async def _process_item(self, index: int, it: Item, collect: _Slot | None) -> None:
+    async def _process_item(self, index: int, it: Item, collect: _Slot | None) -> Settle | None:
         req = it.req
         if self.tracer is not None:
             self.tracer.take(self, index, it)
@@ -440,11 +449,49 @@ class NodeRunner(OrderedOutputs):
             elif node.info.mode in ("generator", "async_generator"):
                 await self._generate(index, it, kw, collect)
             else:
-                it.value = await self._call(index, it.value, kw, req)
+                start = time.perf_counter()
+                out = await self._call(index, it.value, kw, req)
+                if type(out) is Handed:
+                    it.value = out.value
+                    await self._emit(it, collect)
+                    return lambda: self._settle(index, out, req, start)
+                it.value = out
                 await self._emit(it, collect)
+        except UpstreamFailed:
+            self.stats.cancelled += 1  # the node that computed its input fails the request
         except Exception as exc:
             self.stats.failed += 1
             req.fail(node_error(self.name, req, exc))
+        return None
+
+    async def _settle(self, index: int, handed: Handed, req: Request, start: float) -> None:
+        """The outcome of a call whose output went on already (see :class:`Handed`):
+        the request fails here if it raised. Its request's end, or the node's
+        ``timeout`` counted from the submission, stops the wait (and cancels the call
+        where it runs)."""
+        began = start
+        timeout = self.node.timeout
+        try:
+            with anyio.CancelScope() as scope:
+                handle = req.own(scope.cancel)
+                try:
+                    if timeout is None:
+                        began = await handed.settle()
+                    else:
+                        left = start + timeout - time.perf_counter()
+                        with anyio.fail_after(max(left, 0.0)):
+                            began = await handed.settle()
+                finally:
+                    req.disown(handle)
+            if scope.cancelled_caught:
+                self.stats.cancelled += 1
+        except UpstreamFailed:
+            self.stats.cancelled += 1
+        except Exception as exc:
+            self.stats.failed += 1
+            req.fail(node_error(self.name, req, exc))
+        finally:
+            self._computed(index, req, max(start, began))
 
     def _kwargs(self, req: Request) -> dict[str, Any]:
         if self._all_params:
@@ -457,15 +504,19 @@ class NodeRunner(OrderedOutputs):
         replica = self.replica_objs[index]
         timeout = self.node.timeout
         start = time.perf_counter()
+        out: Any = None
         try:
             if replica.interruptible:
-                return await self._call_interruptible(replica, value, kw, req)
-            if timeout is None:
-                return await replica.call(value, kw)
-            with anyio.fail_after(timeout):
-                return await replica.call(value, kw)
+                out = await self._call_interruptible(replica, value, kw, req)
+            elif timeout is None:
+                out = await replica.call(value, kw)
+            else:
+                with anyio.fail_after(timeout):
+                    out = await replica.call(value, kw)
+            return out
         finally:
-            self._computed(index, req, start)
+            if type(out) is not Handed:  # a handed-on call is timed when it settles
+                self._computed(index, req, start)
 
     async def _call_interruptible(
         self, replica: Replica, value: Any, kw: dict[str, Any], req: Request

@@ -10,16 +10,18 @@ from collections.abc import Callable
 
 from ...graph import Node
 from .._backend import Backend
-from ._base import LoopReplica, Replica, build_body
+from ._base import Handed, LoopReplica, Replica, UpstreamFailed, build_body
 from ._cuda import CudaReplica
 from ._thread import ThreadReplica, default_intra_op_threads
 
 __all__ = [
     "CudaReplica",
+    "Handed",
     "LoopReplica",
     "Replica",
     "ReplicaFactory",
     "ThreadReplica",
+    "UpstreamFailed",
     "build_body",
     "default_intra_op_threads",
     "make_replica",

@@ -10,7 +10,7 @@ outside this process (Ray) override the calls themselves.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -18,9 +18,31 @@ import anyio.lowlevel
 
 from ...graph import Batch, Node
 
-__all__ = ["LoopReplica", "Replica", "build_body"]
+__all__ = ["Handed", "LoopReplica", "Replica", "UpstreamFailed", "build_body"]
 
 _END = object()
+
+
+class Handed:
+    """A call's output, handed on before the call is known to have succeeded.
+
+    A replica whose calls run elsewhere (Ray, with every consumer in Ray too) returns
+    one right after submitting: the runner sends :attr:`value` on at once, so the next
+    node can submit its own call with it, then awaits :attr:`settle` -- the call's
+    outcome, returning when the call could begin (its inputs ready), for busy time --
+    with the lane still held (backpressure) and failing the request here if it raised.
+    """
+
+    __slots__ = ("settle", "value")
+
+    def __init__(self, value: Any, settle: Callable[[], Awaitable[float]]) -> None:
+        self.value = value
+        self.settle = settle
+
+
+class UpstreamFailed(Exception):
+    """A call failed only because an input handed on to it (:class:`Handed`) failed
+    where it was computed: that node fails the request, so this item is dropped."""
 
 
 def build_body(node: Node, run_setup: bool) -> Callable[..., Any]:

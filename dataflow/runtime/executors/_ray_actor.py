@@ -60,6 +60,10 @@ class _CallActor:
     def call(self, kw: dict[str, Any], value: Any) -> Any:
         return self._body(value, **kw)
 
+    def call_plain(self, value: Any) -> Any:
+        """``call`` without parameters: one argument less to serialise."""
+        return self._body(value)
+
     def call_parts(self, kw: dict[str, Any], *parts: Any) -> Any:
         return self._body(list(parts), **kw)
 
@@ -105,9 +109,18 @@ class _NodeActor(_CallActor):
         self._stopped: set[int] = set()
 
     # -- calls: the value stays in Ray (status first, then the value(s)) ---------------
+    # (Declared with their number of outputs: a per-call ``.options()`` costs more
+    # than the rest of submitting a small call.)
+    @ray.method(num_returns=2)
     def call_ref(self, kw: dict[str, Any], value: Any) -> tuple[None, Any]:
         return None, self._body(value, **kw)
 
+    @ray.method(num_returns=2)
+    def call_ref_plain(self, value: Any) -> tuple[None, Any]:
+        """``call_ref`` without parameters: one argument less to serialise."""
+        return None, self._body(value)
+
+    @ray.method(num_returns=2)
     def call_parts_ref(self, kw: dict[str, Any], *parts: Any) -> tuple[None, Any]:
         return None, self._body(list(parts), **kw)
 

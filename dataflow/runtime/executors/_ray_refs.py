@@ -38,11 +38,15 @@ class RayRef:
     of a node is ray-placed); they pass :attr:`ref` on to their actor.
     """
 
-    __slots__ = ("node", "ref")
+    __slots__ = ("node", "ref", "settled", "status")
 
-    def __init__(self, ref: Any, node: str) -> None:
+    def __init__(self, ref: Any, node: str, status: Any = None) -> None:
         self.ref = ref
         self.node = node  # who produced it, for messages
+        # Handed on before its call ended: the call's status ref (its body's exception,
+        # if it raised) and when the producer saw it succeed (perf_counter; 0: not yet).
+        self.status = status
+        self.settled = 0.0
 
     def __repr__(self) -> str:
         return f"RayRef(from node {self.node!r})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -12,7 +13,7 @@ import ray.exceptions
 
 from ...graph import Batch, Node
 from .._backend import Backend
-from ._base import Replica
+from ._base import Handed, Replica, UpstreamFailed
 from ._ray_actor import actor_class, unwrap
 from ._ray_options import RayOptions, ensure_ray
 from ._ray_refs import END, RayRef, RayStream, arg, has_refs, value_of
@@ -107,6 +108,11 @@ class RayReplica(Replica):
                 # with a clear error and a replacement runs setup() again.
                 max_restarts=0,
                 max_task_retries=0,
+                # A call runs once its inputs exist, not in submission order: a call
+                # handed a ref still being computed never holds up the ones behind it,
+                # and cancelling it never leaves a gap in the actor's sequence (Ray
+                # then holds every later call 30 s). The runner keeps outputs in order.
+                allow_out_of_order_execution=True,
             )
             .remote(self.node, self.threads)
         )
@@ -189,46 +195,80 @@ class RayReplica(Replica):
                 raise
             raise unwrap(exc) from None
 
-    async def _submit(self, method: str, *args: Any) -> Any:
+    async def _submit(self, method: str, inputs: list[Any], *args: Any) -> Any:
         actor, generation = await self._live()
         try:
             return await self._value(getattr(actor, method).remote(*args))
         except ray.exceptions.RayActorError as exc:
             raise self._died(generation, exc) from exc
+        except Exception as exc:
+            _blame(exc, inputs)
+            raise
 
-    async def _submit_refs(self, method: str, n: int, *args: Any) -> list[Any]:
+    async def _submit_refs(self, method: str, n: int, inputs: list[Any], *args: Any) -> list[Any]:
         """Call ``method`` with ``n`` outputs left in Ray; returns once it succeeded
         (its small status fetched, the outputs not)."""
         actor, generation = await self._live()
         refs = getattr(actor, method).options(num_returns=n + 1).remote(*args)
+        await self._outcome(refs[0], refs[1:], generation, inputs)
+        return list(refs[1:])
+
+    async def _outcome(
+        self, status: Any, outputs: list[Any], generation: int, inputs: list[Any]
+    ) -> None:
+        """Wait for a call's status: its body's exception, ``ActorLost``, or
+        :class:`UpstreamFailed` when it failed because an input handed on to it did."""
         try:
-            await self._value(refs[0])
+            await self._value(status)
         except BaseException as exc:
-            _settle(refs[1:])
+            _settle(outputs)
             if isinstance(exc, ray.exceptions.RayActorError):
                 raise self._died(generation, exc) from exc
+            if isinstance(exc, Exception):
+                _blame(exc, inputs)
             raise
-        return list(refs[1:])
+
+    async def _hand_on(self, method: str, inputs: list[Any], *args: Any) -> Handed:
+        """Submit a call whose output goes on as a :class:`RayRef` at once; the runner
+        awaits its outcome after handing it on."""
+        actor, generation = await self._live()
+        status, ref = getattr(actor, method).remote(*args)  # declared num_returns=2
+        out = RayRef(ref, self.node.name, status)
+        submitted = time.perf_counter()
+
+        async def settle() -> float:
+            await self._outcome(status, [ref], generation, inputs)
+            out.settled = time.perf_counter()
+            # busy from when the inputs were there (the producers' own settle times)
+            return max([submitted, *(v.settled for v in inputs if type(v) is RayRef)])
+
+        return Handed(out, settle)
 
     async def call(self, value: Any, kw: dict[str, Any]) -> Any:
         """The body's result for one input, computed in the actor (a :class:`RayRef`
         to it when every consumer is ray-placed)."""
         if type(value) is list and has_refs(value):  # a merge's parts, some in Ray
-            method, args = "call_parts", (kw, *map(arg, value))
+            method, args, inputs = "call_parts", (kw, *map(arg, value)), value
         else:
-            method, args = "call", (kw, arg(value))
-        if self.pass_refs and self.node.kind != "shard":  # a shard's parts are split here
-            (ref,) = await self._submit_refs(method + "_ref", 1, *args)
+            method, args, inputs = "call", (kw, arg(value)), [value]
+        if self.pass_refs and self.node.kind not in ("shard", "merge"):
+            if method == "call" and not kw:
+                return await self._hand_on("call_ref_plain", inputs, args[1])
+            return await self._hand_on(method + "_ref", inputs, *args)
+        if self.pass_refs and self.node.kind == "merge":
+            (ref,) = await self._submit_refs(method + "_ref", 1, inputs, *args)
             return RayRef(ref, self.node.name)
-        return await self._submit(method, *args)
+        if method == "call" and not kw:
+            return await self._submit("call_plain", inputs, args[1])
+        return await self._submit(method, inputs, *args)  # a shard's parts are split here
 
     async def call_batch(self, batch: Batch, values: list[Any], kw: dict[str, Any]) -> list[Any]:
         """Collate, call and split in the actor (its copy of the node's ``batch``)."""
         args = (kw, *map(arg, values))
         if self.pass_refs:
-            refs = await self._submit_refs("call_batch_ref", len(values), *args)
+            refs = await self._submit_refs("call_batch_ref", len(values), values, *args)
             return [RayRef(ref, self.node.name) for ref in refs]
-        out: list[Any] = await self._submit("call_batch", *args)
+        out: list[Any] = await self._submit("call_batch", values, *args)
         return out
 
     async def iterate(self, value: Any, kw: dict[str, Any]) -> AsyncGenerator[Any, None]:
@@ -252,8 +292,9 @@ class RayReplica(Replica):
                 except ray.exceptions.RayActorError as exc:
                     stream.finished = True
                     raise self._died(generation, exc) from exc
-                except Exception:
+                except Exception as exc:
                     stream.finished = True  # the body raised: its task is over
+                    _blame(exc, [value])
                     raise
                 yield out
         finally:
@@ -268,6 +309,24 @@ class RayReplica(Replica):
                 except Exception:  # the actor is gone, or the body raised meanwhile
                     pass
             stream.close()
+
+
+def _blame(exc: Exception, inputs: list[Any]) -> None:
+    """Raise :class:`UpstreamFailed` (from ``exc``) if an input handed on before its
+    call had settled failed: a call fails on a failed input only once that input's call
+    has ended, so its status is there to look at (both returns of a task arrive
+    together). Otherwise ``exc`` is the call's own: the caller re-raises it."""
+    for value in inputs:
+        status = value.status if type(value) is RayRef else None
+        if status is None:
+            continue
+        ready, _ = ray.wait([status], timeout=0)
+        if not ready:
+            continue
+        try:
+            ray.get(status, timeout=0)
+        except Exception:
+            raise UpstreamFailed(f"its input from node {value.node!r} failed") from exc
 
 
 def _settle(refs: list[Any]) -> None:
