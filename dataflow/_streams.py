@@ -41,6 +41,13 @@ class Stream:
         return None if self._req is None else self._req.id
 
     @property
+    def scheduled_at(self) -> float | None:
+        """When a generate node first gave this request a slot (``time.perf_counter()``;
+        None before, or in a graph that does not generate): its queue time ends there."""
+        req = self._req
+        return None if req is None or not req.scheduled_at else req.scheduled_at
+
+    @property
     def ready(self) -> int:
         """How many outputs are already waiting: reading that many will not wait (a
         server coalesces them into one write for a slow client)."""

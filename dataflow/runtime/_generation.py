@@ -33,6 +33,7 @@ prefill of prompt + tokens so far.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -318,7 +319,9 @@ class _Worker:
         # Whether this node's outputs go straight into the stream (see _Group.room).
         outputs = runner.outputs
         self.feeds_exit = len(outputs) == 1 and isinstance(outputs[0][0], Sink)
-        self.free_slots = list(range(config.max_batch - 1, -1, -1))  # pop() = lowest
+        # a heap: the lowest free slot first, so the running slots stay packed low
+        # (a step model can then run rows 0..n-1 in place)
+        self.free_slots = list(range(config.max_batch))
         self.running: dict[int, _Seq] = {}  # slot -> sequence (stepping or parked)
         self.joining: deque[tuple[_Origin, int]] = deque()  # sequences waiting for a slot
         self.rejoining: deque[_Seq] = deque()  # evicted sequences whose reader caught up
@@ -389,7 +392,7 @@ class _Worker:
         del self.running[seq.slot]
         self.to_free.append(seq.slot)
         # The tick frees before it prefills, so the slot can be handed out at once.
-        self.free_slots.append(seq.slot)
+        heapq.heappush(self.free_slots, seq.slot)
         if self._admit_waiters:
             self.backend.wake(self._admit_waiters)
 
@@ -463,7 +466,7 @@ class _Worker:
                 continue  # reaped before the next tick anyway
             del self.running[seq.slot]
             self.to_free.append(seq.slot)
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
             seq.slot = -1
             seq.evicted = True
             self.evictions += 1
@@ -476,7 +479,7 @@ class _Worker:
             seq = self.rejoining.popleft()
             if seq.req.state != PENDING:
                 continue
-            seq.slot = self.free_slots.pop()
+            seq.slot = heapq.heappop(self.free_slots)
             seq.evicted = False
             seq.resume = [*seq.prefill_ids(), *seq.history]
             self.running[seq.slot] = seq
@@ -492,7 +495,9 @@ class _Worker:
             except Exception as exc:
                 self._fail_origin(origin, exc)
                 continue
-            seq = _Seq(self, origin, _Group.of(req), self.free_slots.pop(), dec)
+            seq = _Seq(self, origin, _Group.of(req), heapq.heappop(self.free_slots), dec)
+            if not req.scheduled_at:
+                req.scheduled_at = time.perf_counter()  # its queue time ends here
             self.running[seq.slot] = seq
             joins.append(seq)
         if self._admit_waiters and self._room() > 0:

@@ -104,6 +104,7 @@ class Request:
         "outputs",
         "outstanding",
         "params",
+        "scheduled_at",
         "state",
         "streaming",
         "watcher",
@@ -139,6 +140,7 @@ class Request:
         # One observer of the end (``Engine.map``), cheaper than a cleanup list.
         self.watcher: Callable[[Request], None] | None = None
         self.admitted = False  # holds one of the engine's max_in_flight places
+        self.scheduled_at = 0.0  # when a generate node first gave it a slot (perf_counter)
         # Outputs the stream's reader has taken, and who to tell when it takes one: a
         # generation node parks a slow reader's sequence on these instead of blocking.
         self.consumed = 0

@@ -93,7 +93,8 @@ class Job:
         counts = out.usage()
         self.state.metrics.generation(
             self.model.name,
-            queue=(self.submitted or now) - self.arrived,
+            # until a generate node gave it a slot (a graph without one: its submission)
+            queue=(out.scheduled or self.submitted or now) - self.arrived,
             ttft=None if out.first is None else out.first - self.arrived,
             e2e=now - self.arrived,
             gaps=out.gaps,

@@ -77,7 +77,7 @@ class ModelMetrics:
         )
         self.queue = Histogram(
             "dataflow_serve_queue_seconds",
-            "Time from the request's arrival to its submission to the engine",
+            "Time from the request's arrival until a generate node gave it a slot",
             label,
             buckets=_LATENCY,
             registry=registry,

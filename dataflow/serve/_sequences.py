@@ -58,8 +58,14 @@ class Outcome:
         self.prompt = [0] * len(req.prompts)
         self.start = time.perf_counter()
         self.first: float | None = None  # when the first output arrived
+        self.scheduled: float | None = None  # when the first of its sequences got a slot
         self.gaps: list[float] = []  # inter-token gaps, for the metrics
         self._last = 0.0
+
+    def scheduled_at(self, when: float | None) -> None:
+        """One prompt's slot time: the request's queue time ends at the first."""
+        if when is not None and (self.scheduled is None or when < self.scheduled):
+            self.scheduled = when
 
     def arrived(self, tokens: int) -> None:
         now = time.perf_counter()
@@ -114,13 +120,14 @@ async def generate(
     stream = model.engine.stream(prompt, timeout=timeout, wait=wait, params=params)
     base = index * req.n
     async with stream:
-        if model.detailed:
-            async for first in stream:
-                items = [first]
-                while stream.ready:  # already waiting: reading them does not wait
-                    items.append(await anext(stream))
-                await _chunks(items, base, index, out, emit)
-        else:
+        try:
+            if model.detailed:
+                async for first in stream:
+                    items = [first]
+                    while stream.ready:  # already waiting: reading them does not wait
+                        items.append(await anext(stream))
+                    await _chunks(items, base, index, out, emit)
+                return
             count = 0
             async for first in stream:
                 texts = [as_text(first)]
@@ -134,6 +141,8 @@ async def generate(
             length = req.max_tokens is not None and count >= req.max_tokens
             out.finish[base] = "length" if length else "stop"
             await emit(base, "", None, out.finish[base])
+        finally:
+            out.scheduled_at(stream.scheduled_at)
 
 
 async def _chunks(items: list[Chunk], base: int, index: int, out: Outcome, emit: Emit) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 
@@ -667,3 +669,30 @@ async def test_node_stats_count_each_input_once_whatever_n() -> None:
     assert stats["items_in"] == 5
     assert stats["cancelled"] == 4 and stats["failed"] == 0
     assert stats["succeeded"] == 1
+
+
+async def test_scheduled_at_is_when_a_waiting_request_got_its_slot() -> None:
+    models: list[Toy] = []
+    node = toy_node(models, max_batch=1, max_new_tokens=100_000, max_new_tokens_limit=100_000)
+    async with df.Engine(df.Graph("g", node), stream_buffer=100_000) as engine:
+        first = engine.stream([5])
+        await anext(first)
+        second = engine.stream([6])
+        assert second.scheduled_at is None  # not submitted yet
+        got = anyio.Event()
+
+        async def read_second() -> None:
+            await anext(second)
+            got.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_second)
+            while second.request_id is None:  # submitted: it waits for the only slot
+                await anyio.lowlevel.checkpoint()
+            assert second.scheduled_at is None
+            freed = time.perf_counter()
+            await first.aclose()  # frees the slot
+            await got.wait()
+        await second.aclose()
+    assert first.scheduled_at is not None and second.scheduled_at is not None
+    assert first.scheduled_at < freed <= second.scheduled_at
