@@ -66,7 +66,8 @@ __all__ = [
 
 def plan_ray(plan: Plan, placements: dict[str, str], runners: dict[str, Any]) -> None:
     """Tell each Ray node's runner how its replicas hand on values (``ray_hints``):
-    ``pass_refs`` where every consumer is a Ray node, and compiled chains."""
+    ``pass_refs`` where every consumer is a Ray node (``hand_on``: before the call
+    ends, see :class:`~._base.Handed`), and compiled chains."""
     nodes = {name: runner.node for name, runner in runners.items()}
     chains = plan_chains(plan, placements, nodes)
     for name, runner in runners.items():
@@ -76,6 +77,13 @@ def plan_ray(plan: Plan, placements: dict[str, str], runners: dict[str, Any]) ->
         hints: dict[str, Any] = dict(chains.get(name, {}))
         if down and all(placements[d] == "ray" for d in down):
             hints["pass_refs"] = True
+            # The ref goes on before the call ends only to nodes that blame a failed
+            # input on its producer: not a batch (one failed input would fail the
+            # other requests' items with it) nor a compiled chain (it fetches values).
+            hints["hand_on"] = all(
+                nodes[d].batch is None and nodes[d].options.get("compiled") is not True
+                for d in down
+            )
         runner.ray_hints = hints
 
 
@@ -87,6 +95,7 @@ def configure(replica: Replica, hints: dict[str, Any]) -> Replica:
         replica.chain = list(hints.get("chain", ()))
     elif isinstance(replica, RayReplica):
         replica.pass_refs = bool(hints.get("pass_refs"))
+        replica.hand_on = bool(hints.get("hand_on"))
     return replica
 
 

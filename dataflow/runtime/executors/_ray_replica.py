@@ -74,6 +74,9 @@ class RayReplica(Replica):
         # Set by the runner before start() when every consumer of the node is
         # ray-placed: outputs then stay in Ray and go on as RayRef (see _ray_refs).
         self.pass_refs = False
+        # ... and hands them on as soon as the call is submitted (see Handed), where
+        # every consumer blames a failed input on the node that computed it.
+        self.hand_on = False
         self._actor: Any = None
         self._generation = 0  # which actor this is; failures of an older one are old news
         self._restarts = 0
@@ -251,16 +254,16 @@ class RayReplica(Replica):
             method, args, inputs = "call_parts", (kw, *map(arg, value)), value
         else:
             method, args, inputs = "call", (kw, arg(value)), [value]
-        if self.pass_refs and self.node.kind not in ("shard", "merge"):
+        if self.hand_on and self.node.kind not in ("shard", "merge"):
             if method == "call" and not kw:
                 return await self._hand_on("call_ref_plain", inputs, args[1])
             return await self._hand_on(method + "_ref", inputs, *args)
-        if self.pass_refs and self.node.kind == "merge":
+        if self.pass_refs and self.node.kind != "shard":  # a shard's parts are split here
             (ref,) = await self._submit_refs(method + "_ref", 1, inputs, *args)
             return RayRef(ref, self.node.name)
         if method == "call" and not kw:
             return await self._submit("call_plain", inputs, args[1])
-        return await self._submit(method, inputs, *args)  # a shard's parts are split here
+        return await self._submit(method, inputs, *args)
 
     async def call_batch(self, batch: Batch, values: list[Any], kw: dict[str, Any]) -> list[Any]:
         """Collate, call and split in the actor (its copy of the node's ``batch``)."""
