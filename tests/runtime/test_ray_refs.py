@@ -258,4 +258,3 @@ def test_a_call_failing_on_a_failed_handed_on_input_is_blamed_on_that_input(
     ray.wait([status])
     _blame(own, [RayRef(ref, "up", status), 5])  # a good input: the error is the call's own
     _blame(own, [RayRef(ref, "up")])  # an input that had settled before it was handed on
-
