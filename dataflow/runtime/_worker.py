@@ -19,6 +19,7 @@ from .._errors import NodeError
 from ..graph import Node
 from ._borrow import borrow
 from ._channel import BrokenChannel, Channel
+from ._generators import run_generator
 from ._hops import Output, advance, deliver, deliver_nowait
 from ._ordering import OrderedOutputs, _Slot
 from ._request import FAILED, PENDING, SUCCEEDED, Item, Request, Tag, node_error
@@ -447,7 +448,7 @@ class NodeRunner(OrderedOutputs):
                     await self._emit(Item(req, part, (*it.tag, (i, k))), collect)
                 req.release(1)
             elif node.info.mode in ("generator", "async_generator"):
-                await self._generate(index, it, kw, collect)
+                await run_generator(self, index, it, kw, collect)
             else:
                 start = time.perf_counter()
                 out = await self._call(index, it.value, kw, req)
@@ -542,90 +543,6 @@ class NodeRunner(OrderedOutputs):
         self.stats.service.append(end - start)
         if self.tracer is not None:
             self.tracer.compute(self, index, (req,), start, end)
-
-    async def _generate(
-        self, index: int, it: Item, kw: dict[str, Any], collect: _Slot | None
-    ) -> None:
-        req = it.req
-        outs: Any = self.replica_objs[index].iterate(it.value, kw)
-        try:
-            if await self._pump(index, req, it.tag, outs, collect, 0):
-                outs = None  # it goes on in a task of its own, which closes it
-        finally:
-            if outs is not None:
-                await outs.aclose()
-        if outs is not None:
-            req.release(1)
-
-    async def _pump(
-        self,
-        index: int,
-        req: Request,
-        tag: Tag,
-        outs: Any,
-        collect: _Slot | None,
-        i: int,
-        detached: bool = False,
-    ) -> bool:
-        """Emit a generator's outputs; True if it was handed to a task of its own
-        because its stream's reader is behind. A generator for a stream whose buffer is
-        full waits for its reader (in that task, so this node's workers move on): what a
-        stream holds is its buffer plus what was already on its way to the exit."""
-        # (Not a Ray generator: its stream stays with the lane that opened it.)
-        detach = collect is None and self.tg is not None and not self._interruptible
-        while True:
-            start = time.perf_counter()
-            try:
-                value = await anext(outs)
-            except StopAsyncIteration:
-                return False
-            finally:
-                self._computed(index, req, start)
-            if req.state != PENDING:
-                return False
-            req.outstanding += 1
-            item = Item(req, value, (*tag, (i, 0)))
-            i += 1
-            if req.streaming and req.behind:
-                # The reader is behind: only this request's generator waits for it (in
-                # a task of its own; in place where outputs must keep their order).
-                if detach and not detached:
-                    self.detached += 1
-                    self.tg.start_soon(self._go_on, index, item, outs, i)
-                    return True
-                await req.wait_reader()
-                if req.state != PENDING:
-                    return False
-            await self._emit(item, collect)
-            if req.state != PENDING:
-                return False
-
-    async def _go_on(self, index: int, item: Item, outs: Any, i: int) -> None:
-        """The rest of a detached generator: wait for the reader, then go on."""
-        req = item.req
-        handed = False
-        try:
-            with anyio.CancelScope() as scope:
-                handle = req.own(lambda: scope.cancel() if req.state != SUCCEEDED else None)
-                try:
-                    await req.wait_reader()
-                    if req.state == PENDING:
-                        await self.emit(item)
-                    if req.state == PENDING:
-                        handed = await self._pump(index, req, item.tag[:-1], outs, None, i, True)
-                except Exception as exc:
-                    self.stats.failed += 1
-                    req.fail(node_error(self.name, req, exc))
-                finally:
-                    req.disown(handle)
-            if scope.cancelled_caught:
-                self.stats.cancelled += 1
-        finally:
-            self.detached -= 1
-            if not handed:
-                with anyio.CancelScope(shield=True):
-                    await outs.aclose()
-                req.release(1)
 
     async def _merge(self, index: int, it: Item, kw: dict[str, Any], collect: _Slot | None) -> None:
         req = it.req
