@@ -98,6 +98,7 @@ class HFStepModel:
         self.vocab: int | None = getattr(embeddings, "num_embeddings", None)
         self._keys: list[torch.Tensor] = []  # per layer [max_batch, heads, capacity, dim]
         self._values: list[torch.Tensor] = []
+        self._layers: list[Any] = []  # the model's view of them, one per layer
         self._held = torch.zeros(max_batch, 0, dtype=torch.bool, device=self.device)
         self._start = [0] * max_batch  # first column a slot holds
         self._length = [0] * max_batch  # tokens a slot holds (0: free)
@@ -192,9 +193,7 @@ class HFStepModel:
                     input_ids=torch.tensor(tokens, device=self.device)[:, None],
                     attention_mask=mask,
                     position_ids=torch.tensor(positions, device=self.device)[:, None],
-                    cache=self._cache_class(
-                        layers=[_layer_class()(self, i) for i in range(len(self._keys))]
-                    ),
+                    cache=self._cache_class(layers=self._layers),
                     use_cache=True,
                 )
             finally:
@@ -219,7 +218,7 @@ class HFStepModel:
 
     def close(self) -> None:
         """Drops every cache."""
-        self._keys, self._values = [], []
+        self._keys, self._values, self._layers = [], [], []
         self._held = self._held[:, :0]
         self._length = [0] * self.max_batch
         self._column = 0
@@ -255,6 +254,7 @@ class HFStepModel:
             for k, v in layers:
                 self._keys.append(k.new_zeros((self.max_batch, k.shape[1], capacity, k.shape[3])))
                 self._values.append(v.new_zeros((self.max_batch, v.shape[1], capacity, v.shape[3])))
+            self._layers = [_layer_class()(self, i) for i in range(len(layers))]
         begin, end = self._column - n, self._column
         for (k, v), k_all, v_all in zip(layers, self._keys, self._values, strict=True):
             k_all[slot, :, begin:end] = k[row, :, :n]
