@@ -472,19 +472,12 @@ class NodeRunner(OrderedOutputs):
         where it runs)."""
         began = start
         timeout = self.node.timeout
+        left = None if timeout is None else max(start + timeout - time.perf_counter(), 0.0)
         try:
-            with anyio.CancelScope() as scope:
-                handle = req.own(scope.cancel)
-                try:
-                    if timeout is None:
-                        began = await handed.settle()
-                    else:
-                        left = start + timeout - time.perf_counter()
-                        with anyio.fail_after(max(left, 0.0)):
-                            began = await handed.settle()
-                finally:
-                    req.disown(handle)
-            if scope.cancelled_caught:
+            done, settled = await self._until_end(req, left, handed.settle)
+            if done:
+                began = settled
+            else:
                 self.stats.cancelled += 1
         except UpstreamFailed:
             self.stats.cancelled += 1
@@ -525,14 +518,24 @@ class NodeRunner(OrderedOutputs):
         """A call that stops waiting when its request ends, so that the replica cancels
         it where it runs (a Ray actor drops it if it has not begun); returns None then,
         a result nobody receives, like any result of an ended request."""
+        _, out = await self._until_end(req, self.node.timeout, lambda: replica.call(value, kw))
+        return out
+
+    @staticmethod
+    async def _until_end(
+        req: Request, timeout: float | None, fn: Callable[[], Awaitable[Any]]
+    ) -> tuple[bool, Any]:
+        """``(True, await fn())``, or ``(False, None)`` if ``req`` ended first (the wait
+        is cancelled, and with it the call where it runs); TimeoutError after
+        ``timeout`` seconds (None: no limit)."""
         with anyio.CancelScope() as scope:
             handle = req.own(scope.cancel)
             try:
-                with anyio.fail_after(self.node.timeout):
-                    return await replica.call(value, kw)
+                with anyio.fail_after(timeout):
+                    return True, await fn()
             finally:
                 req.disown(handle)
-        return None
+        return False, None
 
     def _computed(self, index: int, req: Request, start: float) -> None:
         # Busy is the body's time only: a replica blocked handing its output to a full
