@@ -7,8 +7,10 @@ In one run, on one local Ray instance (2 CPUs, no dashboard):
    the same shape; each as latency (one item at a time) and throughput (many in flight);
    dataflow both with actor calls (refs passed actor to actor) and with
    ``options={"compiled": True}``. Each figure is the median of ``--repeats`` runs, all
-   in the same process, and the ratios (dataflow / Ray) go under keys containing
-   ``ratio``.
+   in the same process, every chain run once per repeat in turn (so the machine's noise
+   falls on all alike), and the ratios (dataflow / Ray) go under keys containing
+   ``ratio``: dataflow's best ``max_in_flight`` against the plain chain (which keeps
+   every item in flight at once), compiled dataflow against the Compiled Graph.
 2. Throughput of a CPU-bound node with 1 and with 2 actors (``num_cpus=1`` each).
 
 Prints tables and writes benchmarks/results/ray_scale.json.
@@ -31,6 +33,7 @@ from _common import table, write_result
 import dataflow as df
 
 STAGES = 3
+IN_FLIGHT = (1, 4, 16, 64)  # max_in_flight settings of dataflow's actor-call chains
 FREE = {"num_cpus": 0}  # the overhead chains reserve no CPU: only the scaling part does
 
 
@@ -172,12 +175,6 @@ def calibrate(ms: float) -> int:
     return max(1, int(n * ms / 1e3 / (time.perf_counter() - start)))
 
 
-def median_of(repeats: int, run: Callable[[], tuple[float, float]]) -> tuple[float, float]:
-    """Median (latency, throughput) of ``repeats`` runs."""
-    runs = [run() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=1000)
@@ -201,28 +198,54 @@ def main() -> None:
     def engine(backend: str, k: int, compiled: bool = False) -> tuple[float, float]:
         return anyio.run(engine_chain, n, lat_n, k, compiled, backend=backend)
 
-    plain = record("plain actor chain", median_of(reps, lambda: plain_chain(n, lat_n)))
-    compiled: tuple[float, float] | None = None
-    try:
-        compiled = record(
-            "compiled graph (4 in flight)", median_of(reps, lambda: compiled_chain(n, lat_n, 4))
+    # Every repeat runs each chain once, in turn, so that the machine's moods (a shared
+    # 2-core box swings by a third between runs) fall on all of them alike.
+    chains: list[tuple[str, Callable[[], tuple[float, float]]]] = [
+        ("plain actor chain", lambda: plain_chain(n, lat_n)),
+        ("compiled graph (4 in flight)", lambda: compiled_chain(n, lat_n, 4)),
+    ]
+    for backend in ("asyncio", "trio"):
+        for k in IN_FLIGHT:
+            chains.append(
+                (f"dataflow {backend}, max_in_flight={k}", lambda b=backend, k=k: engine(b, k))
+            )
+        chains.append(
+            (f"dataflow {backend}, compiled, max_in_flight=4", lambda b=backend: engine(b, 4, True))
         )
-    except Exception as exc:  # Compiled Graphs are experimental: report, do not fail
-        rows.append(["compiled graph", "n/a", f"n/a ({type(exc).__name__})"])
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in chains}
+    unavailable: dict[str, str] = {}
+    for _ in range(reps):
+        for name, measure in chains:
+            if name in unavailable:
+                continue
+            try:
+                runs[name].append(measure())
+            except Exception as exc:  # Compiled Graphs are experimental: report, do not fail
+                if "compiled" not in name:
+                    raise
+                unavailable[name] = type(exc).__name__
+    figures: dict[str, tuple[float, float]] = {}
+    for name, _ in chains:
+        if name in unavailable:
+            rows.append([name, "n/a", f"n/a ({unavailable[name]})"])
+            continue
+        figures[name] = record(
+            name,
+            (
+                statistics.median(r[0] for r in runs[name]),
+                statistics.median(r[1] for r in runs[name]),
+            ),
+        )
+    plain = figures["plain actor chain"]
+    compiled = figures.get("compiled graph (4 in flight)")
     best: dict[str, tuple[float, float]] = {}
     for backend in ("asyncio", "trio"):
-        for k in (1, 2, 4, 8):
-            figures = record(
-                f"dataflow {backend}, max_in_flight={k}",
-                median_of(reps, lambda b=backend, k=k: engine(b, k)),
-            )
+        for k in IN_FLIGHT:
             if backend == "asyncio":
-                best[f"max_in_flight={k}"] = figures
-        if compiled is not None:
-            best[f"compiled {backend}"] = record(
-                f"dataflow {backend}, compiled, max_in_flight=4",
-                median_of(reps, lambda b=backend: engine(b, 4, True)),
-            )
+                best[f"max_in_flight={k}"] = figures[f"dataflow {backend}, max_in_flight={k}"]
+        key = f"dataflow {backend}, compiled, max_in_flight=4"
+        if key in figures:
+            best[f"compiled {backend}"] = figures[key]
     print(f"{STAGES}-stage pass-through chain, small items (µs per item per hop)")
     print(table(["chain", "latency", "throughput"], rows))
     # Ratios: dataflow's best actor-call setting (asyncio) against the plain chain, and
@@ -234,6 +257,8 @@ def main() -> None:
     }
     if compiled is not None:
         for backend in ("asyncio", "trio"):
+            if f"compiled {backend}" not in best:
+                continue
             lt, t = best[f"compiled {backend}"]
             ratios[f"compiled_{backend}_throughput_ratio_vs_ray_compiled"] = t / compiled[1]
             ratios[f"compiled_{backend}_latency_ratio_vs_ray_compiled"] = lt / compiled[0]

@@ -4,7 +4,8 @@ anyio gives us task groups and cancel scopes, but its memory streams and events
 checkpoint on every operation, which costs several times a raw ``asyncio.Queue`` hop.
 Channels here suspend only when they must wait, so they need three primitives that map
 straight onto each loop: *park* the current task on a wait list, *wake* one parked task,
-and *call* a function in a thread and get its result back on the loop without polling.
+and *call* a function in a thread and get its result back on the loop without polling
+(or, from any thread, have a function run on the loop soon: :meth:`Backend.soon`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class Backend:
         """
         raise NotImplementedError
 
+    def soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the loop soon; callable from any thread. Raises RuntimeError
+        once the loop is gone."""
+        raise NotImplementedError
+
     def time(self) -> float:
         raise NotImplementedError
 
@@ -168,6 +174,9 @@ class AsyncioBackend(Backend):
         if call.error is not None:
             raise call.error
         return call.result
+
+    def soon(self, fn: Callable[[], None]) -> None:
+        self.loop.call_soon_threadsafe(fn)
 
     def time(self) -> float:
         return self.loop.time()
@@ -250,6 +259,12 @@ class TrioBackend(Backend):
         if call.error is not None:
             raise call.error
         return call.result
+
+    def soon(self, fn: Callable[[], None]) -> None:
+        try:
+            self._token.run_sync_soon(fn)
+        except self._trio.RunFinishedError as exc:
+            raise RuntimeError("the trio run is over") from exc
 
     def time(self) -> float:
         return float(self._trio.current_time())

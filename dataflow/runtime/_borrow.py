@@ -48,9 +48,7 @@ async def borrow(runner: NodeRunner, it: Item) -> None:
             return
         runner.stats.items_in += 1
         runner.inbox.stats.items += 1  # it crossed the edge, if not the queue
-        after = await runner._process(0, it, None, scoped=True)
-        if after is not None:
-            await after()
+        await runner._process(0, it, None, scoped=True)
     finally:
         runner._borrowed = False
         if runner._borrow_waiters:

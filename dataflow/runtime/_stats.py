@@ -42,6 +42,8 @@ def snapshot(graph_name: str, scheduler: Scheduler, counters: RequestCounters) -
     now = time.perf_counter()
     nodes: dict[str, Any] = {}
     for name, runner in scheduler.runners.items():
+        for replica in runner.replica_objs:
+            replica.report_stats()
         st = runner.stats
         elapsed = max(now - st.started, 1e-9)
         service = list(st.service)

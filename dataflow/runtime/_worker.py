@@ -65,9 +65,6 @@ class NodeStats:
         self.batch_wait: deque[float] = deque(maxlen=2048)
 
 
-Settle = Callable[[], Awaitable[None]]
-
-
 def _unset(value: Any) -> Any:
     raise RuntimeError("inline body used before the node started")
 
@@ -389,13 +386,11 @@ class NodeRunner(OrderedOutputs):
                 if self._ordered:
                     slot = self._open_slot(it.req)
                     try:
-                        after = await self._process(index, it, slot)
+                        await self._process(index, it, slot)
                     finally:
                         await self._close_slot(it.req, slot)
                 else:
-                    after = await self._process(index, it, None)
-                if after is not None:  # its output went on: the next input may follow it
-                    await after()
+                    await self._process(index, it, None)
             since_park += len(items)
             if since_park >= _FAIR:
                 since_park = 0
@@ -403,19 +398,16 @@ class NodeRunner(OrderedOutputs):
 
     async def _process(
         self, index: int, it: Item, collect: _Slot | None, *, scoped: bool = False
-    ) -> Settle | None:
+    ) -> None:
         """Run the body on one item and emit (or collect) what it produces, under a
-        cancel scope the request owns: its end interrupts the body at its next await.
-
-        Returns what is left to await once the output is out and the item's order slot
-        closed: the outcome of a call whose output was handed on before it finished
-        (:class:`Handed`), or None."""
+        cancel scope the request owns: its end interrupts the body at its next await."""
         req = it.req
         if req.state != PENDING:
             self.stats.cancelled += 1
-            return None
+            return
         if not (scoped or self._scoped):
-            return await self._process_item(index, it, collect)
+            await self._process_item(index, it, collect)
+            return
         with anyio.CancelScope() as scope:
             # A success ends the request from inside this scope (the sink): nothing to
             # interrupt then, and cancelling would cost a loop trip.
@@ -426,9 +418,8 @@ class NodeRunner(OrderedOutputs):
                 req.disown(handle)
         if scope.cancelled_caught:
             self.stats.cancelled += 1  # its request ended while the body ran
-        return None
 
-    async def _process_item(self, index: int, it: Item, collect: _Slot | None) -> Settle | None:
+    async def _process_item(self, index: int, it: Item, collect: _Slot | None) -> None:
         req = it.req
         if self.tracer is not None:
             self.tracer.take(self, index, it)
@@ -450,12 +441,13 @@ class NodeRunner(OrderedOutputs):
             elif node.info.mode in ("generator", "async_generator"):
                 await run_generator(self, index, it, kw, collect)
             else:
-                start = time.perf_counter()
                 out = await self._call(index, it.value, kw, req)
-                if type(out) is Handed:
-                    it.value = out.value
-                    await self._emit(it, collect)
-                    return lambda: self._settle(index, out, req, start)
+                if isinstance(out, Handed):  # settled later, by whoever learns its end
+                    submitted = time.perf_counter()
+                    out.adopt(
+                        req, lambda outcome, at: self._handed(index, req, submitted, outcome, at)
+                    )
+                    out = out.value
                 it.value = out
                 await self._emit(it, collect)
         except UpstreamFailed:
@@ -463,29 +455,26 @@ class NodeRunner(OrderedOutputs):
         except Exception as exc:
             self.stats.failed += 1
             req.fail(node_error(self.name, req, exc))
-        return None
 
-    async def _settle(self, index: int, handed: Handed, req: Request, start: float) -> None:
-        """The outcome of a call whose output went on already (see :class:`Handed`):
-        the request fails here if it raised. Its request's end, or the node's
-        ``timeout`` counted from the submission, stops the wait (and cancels the call
-        where it runs)."""
-        began = start
-        timeout = self.node.timeout
-        left = None if timeout is None else max(start + timeout - time.perf_counter(), 0.0)
-        try:
-            done, settled = await self._until_end(req, left, handed.settle)
-            if done:
-                began = settled
-            else:
-                self.stats.cancelled += 1
-        except UpstreamFailed:
-            self.stats.cancelled += 1
-        except Exception as exc:
+    def _handed(
+        self,
+        index: int,
+        req: Request,
+        submitted: float,
+        outcome: float | BaseException | None,
+        at: float,
+    ) -> None:
+        """How a call whose output went on at once ended (see :class:`Handed`)."""
+        if outcome is None:
+            self.stats.cancelled += 1  # it did not run for its request
+        elif isinstance(outcome, BaseException):
             self.stats.failed += 1
-            req.fail(node_error(self.name, req, exc))
-        finally:
-            self._computed(index, req, max(start, began))
+            req.fail(node_error(self.name, req, outcome))
+        else:  # the body's seconds, measured where it ran
+            self.stats.busy_s[index] += outcome
+            self.stats.service.append(outcome)
+            if self.tracer is not None:
+                self.tracer.compute(self, index, (req,), max(submitted, at - outcome), at)
 
     def _kwargs(self, req: Request) -> dict[str, Any]:
         if self._all_params:
@@ -500,7 +489,9 @@ class NodeRunner(OrderedOutputs):
         start = time.perf_counter()
         out: Any = None
         try:
-            if replica.interruptible:
+            if replica.hand_on:  # only submits: nothing to interrupt or time here
+                out = await replica.call(value, kw)
+            elif replica.interruptible:
                 out = await self._call_interruptible(replica, value, kw, req)
             elif timeout is None:
                 out = await replica.call(value, kw)
@@ -509,7 +500,7 @@ class NodeRunner(OrderedOutputs):
                     out = await replica.call(value, kw)
             return out
         finally:
-            if type(out) is not Handed:  # a handed-on call is timed when it settles
+            if not isinstance(out, Handed):  # a handed-on one is timed where it ran
                 self._computed(index, req, start)
 
     async def _call_interruptible(
@@ -531,6 +522,8 @@ class NodeRunner(OrderedOutputs):
         with anyio.CancelScope() as scope:
             handle = req.own(scope.cancel)
             try:
+                if timeout is None:  # (a scope less: this wraps every Ray call)
+                    return True, await fn()
                 with anyio.fail_after(timeout):
                     return True, await fn()
             finally:
@@ -564,6 +557,7 @@ class NodeRunner(OrderedOutputs):
         parts = entry[1]
         parts[slot] = it.value
         if len(parts) < expected:
+            self.replica_objs[index].hold([it.value])
             return
         del gather.groups[prefix]
         ordered = [parts[i] for i in range(expected)]

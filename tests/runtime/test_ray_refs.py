@@ -238,23 +238,123 @@ async def test_lanes_of_one_batched_actor_take_turns_collecting(ray_cluster: Any
 def test_a_call_failing_on_a_failed_handed_on_input_is_blamed_on_that_input(
     ray_cluster: Any,
 ) -> None:
+    from dataflow.runtime._backend import Backend
     from dataflow.runtime.executors import UpstreamFailed
+    from dataflow.runtime.executors._ray_handed import HandedCall, Places, Unreported, blame
     from dataflow.runtime.executors._ray_refs import RayRef
-    from dataflow.runtime.executors._ray_replica import _blame
 
     @ray.remote(num_returns=2, num_cpus=0)
-    def produce(fail: bool) -> tuple[None, int]:
+    def produce(fail: bool) -> tuple[float, int]:
         if fail:
             raise ValueError("upstream body failed")
-        return None, 1
+        return 0.5, 1
+
+    places = Places(Backend(), 1)  # (given back without waiters: the backend is unused)
+    reports: list[Any] = []
+
+    def handed(fail: bool) -> tuple[RayRef, HandedCall]:
+        status, ref = produce.remote(fail)
+        ray.wait([status])
+        value = RayRef(ref, "up")
+        call = HandedCall(value, status, places, Unreported(), lambda exc: exc)
+        call._report = lambda outcome, at: reports.append(outcome)
+        value.calls = (call,)
+        return value, call
 
     own = RuntimeError("the call's own error")
-    status, ref = produce.remote(True)
-    ray.wait([status])
+    bad, call = handed(True)
     with pytest.raises(UpstreamFailed, match="from node 'up'") as info:
-        _blame(own, [RayRef(ref, "up", status)])
+        blame(own, [bad])
     assert info.value.__cause__ is own
-    status, ref = produce.remote(False)
-    ray.wait([status])
-    _blame(own, [RayRef(ref, "up", status), 5])  # a good input: the error is the call's own
-    _blame(own, [RayRef(ref, "up")])  # an input that had settled before it was handed on
+    # The producer's call failed with its own error, once, however often it is blamed.
+    assert call.ended and len(reports) == 1 and "upstream body failed" in str(reports[0])
+    with pytest.raises(UpstreamFailed):
+        blame(own, [5, bad])
+    assert len(reports) == 1
+    good, call = handed(False)
+    blame(own, [good, 5])  # good inputs: the error is the call's own
+    assert call.ended and call.error is None
+    blame(own, [RayRef(ref=None, node="up")])  # an input known good before it went on
+
+
+# -- handed-on calls: their places, and what they report -----------------------------------
+async def test_a_handed_on_node_keeps_at_most_max_in_flight_calls_ahead_of_the_chain(
+    probe: Any,
+) -> None:
+    def ahead(x: int) -> int:
+        ray.get(probe.add.remote("ahead-ran"))
+        return x
+
+    def held(x: int) -> int:
+        if x == 0:
+            ray.get(probe.wait.remote("release"))
+        return x * 10
+
+    first = df.map(ahead, name="ahead", placement="ray", options={**FREE, "max_in_flight": 2})
+    last = df.map(held, name="held", placement="ray", options=FREE)
+    async with df.Engine(df.Graph("places", first >> last)) as engine:
+        replica = engine._scheduler.runners["ahead"].replica_objs[0]  # type: ignore[union-attr]
+        assert replica.hand_on  # its ref goes on as soon as its call is submitted
+        async with anyio.create_task_group() as tg:
+            results: list[int] = []
+
+            async def one(x: int) -> None:
+                results.append(await engine.run(x))
+
+            for x in range(6):
+                tg.start_soon(one, x)
+            # Both of ahead's calls ran long ago; nobody has seen them end (held has not
+            # returned), so they hold its two places and its third item waits for one.
+            with anyio.fail_after(30):
+                while not replica._places._waiters:
+                    await anyio.lowlevel.checkpoint()
+            assert await get(probe.count.remote("ahead-ran")) == 2
+            await get(probe.set.remote("release"))
+    assert sorted(results) == [0, 10, 20, 30, 40, 50]
+    assert replica._places._free == 2  # every place given back
+
+
+async def test_a_merge_waiting_for_more_parts_than_a_handed_on_node_has_places(
+    ray_cluster: Any,
+) -> None:
+    def split(x: int) -> list[int]:
+        return [x + i for i in range(5)]
+
+    def relay(x: int) -> int:
+        return x * 2
+
+    def total(xs: list[int]) -> int:
+        return sum(xs)
+
+    # relay has one place and the merge needs all five of a request's parts before it
+    # calls (and so sees relay's calls end): the parts it holds give their places back.
+    graph = df.Graph(
+        "more-parts",
+        df.shard(split, placement="ray", options=FREE)
+        >> df.map(relay, name="relay", placement="ray", options={**FREE, "max_in_flight": 1})
+        >> df.merge(total, placement="ray", options=FREE),
+    )
+    async with df.Engine(graph) as engine:
+        assert engine._scheduler.runners["relay"].replica_objs[0].hand_on  # type: ignore[union-attr]
+        with anyio.fail_after(60):
+            assert [y async for y in engine.map([0, 10])] == [20, 120]
+
+
+async def test_a_handed_on_node_reports_its_bodys_time_not_the_chains(ray_cluster: Any) -> None:
+    def quick(x: int) -> int:
+        return x
+
+    def slow(x: int) -> int:
+        time.sleep(0.02)  # allowed: simulated work, the time being measured
+        return x
+
+    chain = df.map(quick, name="quick", placement="ray", options={**FREE, "max_in_flight": 4})
+    chain = chain >> df.map(slow, name="slow", placement="ray", options=FREE)
+    async with df.Engine(df.Graph("busy", chain)) as engine:
+        assert [y async for y in engine.map(range(10))] == list(range(10))
+        nodes = engine.stats()["nodes"]
+    # quick's calls end long before the chain's end is seen; its busy time is what its
+    # body took in the actor (reported in bulk, all of it by the time stats are read).
+    assert nodes["slow"]["busy_s"][0] >= 10 * 0.02
+    assert 0 < nodes["quick"]["busy_s"][0] < nodes["slow"]["busy_s"][0] / 10
+    assert nodes["quick"]["succeeded"] == 10 and nodes["quick"]["failed"] == 0

@@ -10,34 +10,45 @@ outside this process (Ray) override the calls themselves.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 
 from ...graph import Batch, Node
 
-__all__ = ["Handed", "LoopReplica", "Replica", "UpstreamFailed", "build_body"]
+if TYPE_CHECKING:
+    from .._request import Request
+
+__all__ = ["Handed", "LoopReplica", "Replica", "Report", "UpstreamFailed", "build_body"]
 
 _END = object()
 
 
 class Handed:
-    """A call's output, handed on before the call is known to have succeeded.
+    """A call's output, handed on before the call is known to have ended.
 
-    A replica whose calls run elsewhere (Ray, with every consumer in Ray too) returns
-    one right after submitting: the runner sends :attr:`value` on at once, so the next
-    node can submit its own call with it, then awaits :attr:`settle` -- the call's
-    outcome, returning when the call could begin (its inputs ready), for busy time --
-    with the lane still held (backpressure) and failing the request here if it raised.
+    A replica whose calls run elsewhere (Ray, with every consumer in Ray too) returns a
+    subclass of this right after submitting: the runner sends :attr:`value` on at once
+    and :meth:`adopt` s the call for the item's request. Whoever later learns how the
+    call ended -- a consumer of the value, or the request's end -- settles it, and the
+    runner hears of it through ``report(outcome, at)`` (on the loop): ``outcome`` is the
+    body's seconds (it succeeded), an exception (it raised: the request fails at this
+    node) or None (it did not run for its request); ``at`` is when that became known
+    (``time.perf_counter``).
     """
 
-    __slots__ = ("settle", "value")
+    __slots__ = ("value",)
 
-    def __init__(self, value: Any, settle: Callable[[], Awaitable[float]]) -> None:
+    def __init__(self, value: Any) -> None:
         self.value = value
-        self.settle = settle
+
+    def adopt(self, req: Request, report: Report) -> None:
+        raise NotImplementedError
+
+
+Report = Callable[[float | BaseException | None, float], None]
 
 
 class UpstreamFailed(Exception):
@@ -108,6 +119,9 @@ class Replica:
         # the replica can then cancel the call where it runs (Ray), so a thread's queue
         # never fills with abandoned work.
         self.interruptible = False
+        # Whether calls return a :class:`Handed` at once (submitted, not finished): the
+        # runner then neither times them nor waits for them (see Handed).
+        self.hand_on = False
         # Seconds :meth:`stop` waits for a body still running (the engine's ``grace``);
         # :attr:`stuck` says it was still running then.
         self.grace = math.inf
@@ -145,6 +159,14 @@ class Replica:
         if self.node.info.mode == "async":
             return await self.body(value, **kw)
         return await self._run(_call_kw, self.body, value, kw)
+
+    def report_stats(self) -> None:
+        """Add to the node's stats what this replica still holds back (before a stats
+        snapshot): a Ray replica's busy times not fetched yet."""
+
+    def hold(self, values: list[Any]) -> None:
+        """``values`` wait at this replica's node (a merge's parts) for the rest of their
+        request: whatever they hold where they were computed may be given back."""
 
     async def call_batch(self, batch: Batch, values: list[Any], kw: dict[str, Any]) -> list[Any]:
         """Collate ``values``, call the body once, split its output per input."""

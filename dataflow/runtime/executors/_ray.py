@@ -77,12 +77,21 @@ def plan_ray(plan: Plan, placements: dict[str, str], runners: dict[str, Any]) ->
         hints: dict[str, Any] = dict(chains.get(name, {}))
         if down and all(placements[d] == "ray" for d in down):
             hints["pass_refs"] = True
-            # The ref goes on before the call ends only to nodes that blame a failed
-            # input on its producer: not a batch (one failed input would fail the
-            # other requests' items with it) nor a compiled chain (it fetches values).
-            hints["hand_on"] = all(
-                nodes[d].batch is None and nodes[d].options.get("compiled") is not True
-                for d in down
+            # The ref goes on before the call ends only from a plain call (not a
+            # shard, merge or generator; no timeout: nobody waits for the call to time
+            # it) to nodes that blame a failed input on its producer: not a batch (one
+            # failed input would fail the other requests' items with it) nor a compiled
+            # chain (it fetches values).
+            node = nodes[name]
+            hints["hand_on"] = (
+                node.kind not in ("shard", "merge")
+                and node.info.mode == "function"
+                and node.timeout is None
+                and node.batch is None
+                and all(
+                    nodes[d].batch is None and nodes[d].options.get("compiled") is not True
+                    for d in down
+                )
             )
         runner.ray_hints = hints
 

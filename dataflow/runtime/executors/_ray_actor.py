@@ -2,14 +2,16 @@
 
 Values arrive as top-level arguments, so an ``ObjectRef`` handed on by the previous Ray
 node is resolved here, in the actor, by Ray (never in the engine's process). The
-``*_ref`` methods return a small status first and the value as a separate object, so the
-engine learns that a call succeeded without fetching what it produced.
+``*_ref`` methods return a small status first -- the body's seconds -- and the value as a
+separate object, so the engine learns that a call succeeded (and how long its body took)
+without fetching what it produced.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -109,23 +111,31 @@ class _NodeActor(_CallActor):
         self._stopped: set[int] = set()
 
     # -- calls: the value stays in Ray (status first, then the value(s)) ---------------
-    # (Declared with their number of outputs: a per-call ``.options()`` costs more
-    # than the rest of submitting a small call.)
+    # The status is the body's time in seconds. (Declared with their number of
+    # outputs: a per-call ``.options()`` costs more than the rest of submitting.)
     @ray.method(num_returns=2)
-    def call_ref(self, kw: dict[str, Any], value: Any) -> tuple[None, Any]:
-        return None, self._body(value, **kw)
+    def call_ref(self, kw: dict[str, Any], value: Any) -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = self._body(value, **kw)
+        return time.perf_counter() - start, out
 
     @ray.method(num_returns=2)
-    def call_ref_plain(self, value: Any) -> tuple[None, Any]:
+    def call_ref_plain(self, value: Any) -> tuple[float, Any]:
         """``call_ref`` without parameters: one argument less to serialise."""
-        return None, self._body(value)
+        start = time.perf_counter()
+        out = self._body(value)
+        return time.perf_counter() - start, out
 
     @ray.method(num_returns=2)
-    def call_parts_ref(self, kw: dict[str, Any], *parts: Any) -> tuple[None, Any]:
-        return None, self._body(list(parts), **kw)
+    def call_parts_ref(self, kw: dict[str, Any], *parts: Any) -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = self._body(list(parts), **kw)
+        return time.perf_counter() - start, out
 
     def call_batch_ref(self, kw: dict[str, Any], *values: Any) -> tuple[Any, ...]:
-        return (None, *self.call_batch(kw, *values))
+        start = time.perf_counter()
+        outs = self.call_batch(kw, *values)
+        return (time.perf_counter() - start, *outs)
 
     # -- generators ----------------------------------------------------------------------
     def iterate(self, sid: int, kw: dict[str, Any], value: Any) -> Iterator[Any]:

@@ -5,9 +5,9 @@
   ref to its actor as a top-level argument, so Ray resolves it there; the engine never
   fetches (or deserialises) the value. Values come back only where a node outside Ray,
   or the caller, needs them.
-- :func:`value_of` / :func:`ready`: await a ref on asyncio or trio. On trio Ray's own
-  completion callback wakes the task: no thread of ours blocks on a ref, so none can
-  outlive the engine.
+- :func:`value_of` / :func:`ready`: await a ref on asyncio or trio. Ray's own
+  completion callbacks wake the waiting tasks, many per loop wake-up: no thread of ours
+  blocks on a ref, so none can outlive the engine.
 - :class:`RayStream`: a streaming generator's outputs, stepped on either loop without
   threads, and closed for certain: :meth:`RayStream.close` cancels the task and deletes
   the stream in Ray at once (not when the garbage collector gets to it), which releases
@@ -16,12 +16,13 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
+import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import ray
-
-from .._backend import ThreadCall
+import ray.exceptions
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -38,15 +39,14 @@ class RayRef:
     of a node is ray-placed); they pass :attr:`ref` on to their actor.
     """
 
-    __slots__ = ("node", "ref", "settled", "status")
+    __slots__ = ("calls", "node", "ref")
 
-    def __init__(self, ref: Any, node: str, status: Any = None) -> None:
+    def __init__(self, ref: Any, node: str, calls: tuple[Any, ...] = ()) -> None:
         self.ref = ref
         self.node = node  # who produced it, for messages
-        # Handed on before its call ended: the call's status ref (its body's exception,
-        # if it raised) and when the producer saw it succeed (perf_counter; 0: not yet).
-        self.status = status
-        self.settled = 0.0
+        # The handed-on calls it depends on that had not been seen to end when it was
+        # made, upstream first (see _ray_handed); () for a value already known good.
+        self.calls = calls
 
     def __repr__(self) -> str:
         return f"RayRef(from node {self.node!r})"
@@ -75,52 +75,93 @@ def cancel(ref: Any) -> None:
         pass
 
 
+class _Box:
+    """One wait on Ray, resolved on the loop by :class:`_Arrivals`."""
+
+    __slots__ = ("done", "result", "waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.result: Any = None
+        self.waiters: deque[Any] = deque()
+
+
+class _Arrivals:
+    """What Ray's callbacks (run in its threads) hand to one loop, a batch per wake-up:
+    the first arrival schedules a drain, the ones before it runs join it. A wait per
+    item through ``await ref`` costs a loop wake-up (and a future chained to another)
+    for each, which at thousands of hops a second is most of the engine's own time."""
+
+    __slots__ = ("_arrived", "_backend", "_scheduled")
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._arrived: deque[tuple[_Box, Any]] = deque()
+        self._scheduled = False
+
+    def add(self, box: _Box, result: Any) -> None:
+        """In any thread: ``box`` has its ``result``."""
+        self._arrived.append((box, result))
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self._backend.soon(self._drain)
+            except RuntimeError:  # the loop is gone: nobody waits any more
+                pass
+
+    def _drain(self) -> None:
+        # Cleared first: an arrival appended after this sees it and schedules the next.
+        self._scheduled = False
+        arrived, wake = self._arrived, self._backend.wake
+        while arrived:
+            box, result = arrived.popleft()
+            if not box.done:
+                box.done = True
+                box.result = result
+                wake(box.waiters)
+
+
+_ARRIVALS: weakref.WeakKeyDictionary[Backend, _Arrivals] = weakref.WeakKeyDictionary()
+
+
+def _arrivals(backend: Backend) -> _Arrivals:
+    found = _ARRIVALS.get(backend)
+    if found is None:
+        found = _ARRIVALS[backend] = _Arrivals(backend)
+    return found
+
+
+async def _wait(backend: Backend, box: _Box) -> Any:
+    while not box.done:
+        await backend.park(box.waiters)
+    return box.result
+
+
 async def value_of(backend: Backend, ref: Any) -> Any:
-    """The value of ``ref``. A caller that stops waiting cancels the task in Ray."""
+    """The value of ``ref`` (raising Ray's error if its task failed), on asyncio or
+    trio. A caller that stops waiting cancels the task in Ray."""
+    box = _Box()
+    ref._on_completed(functools.partial(_arrivals(backend).add, box))
     try:
-        if backend.name == "asyncio":
-            return await ref
-        future = ref.future()
-        call = ThreadCall(future.result, ())
-        # The done callback runs in a Ray thread and hands the outcome to the loop.
-        return await backend.call_in_thread(
-            lambda c: future.add_done_callback(lambda _: c.run()), call
-        )
-    except Exception:
-        raise
+        result = await _wait(backend, box)
     except BaseException:
         cancel(ref)
         raise
+    if isinstance(result, ray.exceptions.RayError):
+        raise result
+    return result
 
 
 async def ready(backend: Backend, *refs: Any) -> None:
     """Wait until one of ``refs`` exists, without fetching or deserialising it."""
-    if backend.name == "asyncio" and len(refs) == 1:
-        await refs[0]._ready()
-        return
-    call = ThreadCall(_none, ())
-    stop_waiting: list[Any] = []
-    calls = itertools.count()
-
-    def wake(_exc: Any) -> None:
-        # Ray's callbacks run in its threads: the first one wakes the task (next() on a
-        # count is atomic under the GIL).
-        if next(calls) == 0:
-            call.run()
-
-    def submit(c: ThreadCall) -> None:
-        for ref in refs:
-            stop_waiting.append(ref._on_ready(wake))
-
+    box = _Box()
+    arrived = functools.partial(_arrivals(backend).add, box)
+    stop_waiting = [ref._on_ready(arrived) for ref in refs]
     try:
-        await backend.call_in_thread(submit, call)
+        await _wait(backend, box)
     finally:
         for fn in stop_waiting:
             fn()
-
-
-def _none() -> None:
-    return None
 
 
 class RayStream:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import ray
@@ -13,8 +12,9 @@ import ray.exceptions
 
 from ...graph import Batch, Node
 from .._backend import Backend
-from ._base import Handed, Replica, UpstreamFailed
+from ._base import Replica
 from ._ray_actor import actor_class, unwrap
+from ._ray_handed import HandedCall, Places, Unreported, blame, confirm, handed_calls, hold
 from ._ray_options import RayOptions, ensure_ray
 from ._ray_refs import END, RayRef, RayStream, arg, has_refs, value_of
 
@@ -74,9 +74,11 @@ class RayReplica(Replica):
         # Set by the runner before start() when every consumer of the node is
         # ray-placed: outputs then stay in Ray and go on as RayRef (see _ray_refs).
         self.pass_refs = False
-        # ... and hands them on as soon as the call is submitted (see Handed), where
-        # every consumer blames a failed input on the node that computed it.
+        # ... and hands them on as soon as the call is submitted (see _ray_handed),
+        # where every consumer blames a failed input on the node that computed it.
         self.hand_on = False
+        self._places: Places | None = None  # the max_in_flight bound on handed-on calls
+        self._unreported = Unreported()
         self._actor: Any = None
         self._generation = 0  # which actor this is; failures of an older one are old news
         self._restarts = 0
@@ -99,6 +101,10 @@ class RayReplica(Replica):
         """Start the actor and run ``setup()`` in it; raises what ``setup()`` raises,
         or TimeoutError if the actor is not up within ``start_timeout``."""
         ensure_ray(self.options.address)
+        if self.hand_on:
+            # Its one lane only submits: the places bound the calls outstanding.
+            self._places = Places(self.backend, self.options.max_in_flight)
+            self.in_flight = 1
         await self._spawn()
 
     async def _spawn(self) -> None:
@@ -142,6 +148,7 @@ class RayReplica(Replica):
             return
         self._actor = None
         self._generation += 1
+        self._unreported.flush()
         with anyio.CancelScope(shield=True), anyio.move_on_after(_TEARDOWN_S):
             try:
                 await self._value(actor.teardown.remote())
@@ -198,54 +205,70 @@ class RayReplica(Replica):
                 raise
             raise unwrap(exc) from None
 
+    def _failed(self, exc: BaseException, generation: int, inputs: list[Any]) -> NoReturn:
+        """Raise a call's failure as its node sees it: :class:`UpstreamFailed` when an
+        input handed on to it failed first, :class:`ActorLost` when this actor died,
+        else the body's exception (or the cancellation) itself."""
+        if isinstance(exc, Exception):
+            blame(exc, inputs)
+            if isinstance(exc, ray.exceptions.RayActorError):
+                raise self._died(generation, exc) from exc
+        raise exc
+
+    def _failure(self, generation: int, exc: BaseException) -> BaseException:
+        """What a handed-on call that failed with Ray's ``exc`` fails its request with."""
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return self._died(generation, exc)
+        if isinstance(exc, ray.exceptions.RayTaskError):
+            return unwrap(exc)
+        return exc
+
     async def _submit(self, method: str, inputs: list[Any], *args: Any) -> Any:
         actor, generation = await self._live()
         try:
-            return await self._value(getattr(actor, method).remote(*args))
-        except ray.exceptions.RayActorError as exc:
-            raise self._died(generation, exc) from exc
-        except Exception as exc:
-            _blame(exc, inputs)
-            raise
+            out = await self._value(getattr(actor, method).remote(*args))
+        except BaseException as exc:
+            self._failed(exc, generation, inputs)
+        confirm(inputs)
+        return out
 
     async def _submit_refs(self, method: str, n: int, inputs: list[Any], *args: Any) -> list[Any]:
         """Call ``method`` with ``n`` outputs left in Ray; returns once it succeeded
         (its small status fetched, the outputs not)."""
         actor, generation = await self._live()
         refs = getattr(actor, method).options(num_returns=n + 1).remote(*args)
-        await self._outcome(refs[0], refs[1:], generation, inputs)
+        try:
+            await self._value(refs[0])
+        except BaseException as exc:
+            _settle(refs[1:])
+            self._failed(exc, generation, inputs)
+        confirm(inputs)
         return list(refs[1:])
 
-    async def _outcome(
-        self, status: Any, outputs: list[Any], generation: int, inputs: list[Any]
-    ) -> None:
-        """Wait for a call's status: its body's exception, ``ActorLost``, or
-        :class:`UpstreamFailed` when it failed because an input handed on to it did."""
+    async def _hand_on(self, method: str, inputs: list[Any], *args: Any) -> HandedCall:
+        """Submit a call whose output goes on as a :class:`RayRef` at once, once one of
+        the replica's places is free (see _ray_handed)."""
+        places = self._places
+        assert places is not None, "hand_on is set before start()"
+        await places.take()
         try:
-            await self._value(status)
-        except BaseException as exc:
-            _settle(outputs)
-            if isinstance(exc, ray.exceptions.RayActorError):
-                raise self._died(generation, exc) from exc
-            if isinstance(exc, Exception):
-                _blame(exc, inputs)
+            actor, generation = await self._live()
+        except BaseException:
+            places.give_back()
             raise
-
-    async def _hand_on(self, method: str, inputs: list[Any], *args: Any) -> Handed:
-        """Submit a call whose output goes on as a :class:`RayRef` at once; the runner
-        awaits its outcome after handing it on."""
-        actor, generation = await self._live()
         status, ref = getattr(actor, method).remote(*args)  # declared num_returns=2
-        out = RayRef(ref, self.node.name, status)
-        submitted = time.perf_counter()
+        out = RayRef(ref, self.node.name)
+        call = HandedCall(
+            out, status, places, self._unreported, lambda exc: self._failure(generation, exc)
+        )
+        out.calls = handed_calls(inputs, call)
+        return call
 
-        async def settle() -> float:
-            await self._outcome(status, [ref], generation, inputs)
-            out.settled = time.perf_counter()
-            # busy from when the inputs were there (the producers' own settle times)
-            return max([submitted, *(v.settled for v in inputs if type(v) is RayRef)])
+    def hold(self, values: list[Any]) -> None:
+        hold(values)
 
-        return Handed(out, settle)
+    def report_stats(self) -> None:
+        self._unreported.flush()
 
     async def call(self, value: Any, kw: dict[str, Any]) -> Any:
         """The body's result for one input, computed in the actor (a :class:`RayRef`
@@ -254,7 +277,7 @@ class RayReplica(Replica):
             method, args, inputs = "call_parts", (kw, *map(arg, value)), value
         else:
             method, args, inputs = "call", (kw, arg(value)), [value]
-        if self.hand_on and self.node.kind not in ("shard", "merge"):
+        if self.hand_on:
             if method == "call" and not kw:
                 return await self._hand_on("call_ref_plain", inputs, args[1])
             return await self._hand_on(method + "_ref", inputs, *args)
@@ -285,20 +308,20 @@ class RayReplica(Replica):
                 _generator_backpressure_num_objects=self.options.max_in_flight,
             ).remote(sid, kw, arg(value)),
         )
+        inputs = [value]
         try:
             while True:
                 try:
                     ref = await stream.next_ref()
-                    if ref is END:
-                        return
-                    out = await self._value(ref)
-                except ray.exceptions.RayActorError as exc:
-                    stream.finished = True
-                    raise self._died(generation, exc) from exc
+                    out = END if ref is END else await self._value(ref)
                 except Exception as exc:
-                    stream.finished = True  # the body raised: its task is over
-                    _blame(exc, [value])
-                    raise
+                    stream.finished = True  # the body raised or its actor died: it is over
+                    self._failed(exc, generation, inputs)
+                if inputs:  # it ran, so its input was good
+                    confirm(inputs)
+                    inputs = []
+                if out is END:
+                    return
                 yield out
         finally:
             if not stream.finished:
@@ -312,24 +335,6 @@ class RayReplica(Replica):
                 except Exception:  # the actor is gone, or the body raised meanwhile
                     pass
             stream.close()
-
-
-def _blame(exc: Exception, inputs: list[Any]) -> None:
-    """Raise :class:`UpstreamFailed` (from ``exc``) if an input handed on before its
-    call had settled failed: a call fails on a failed input only once that input's call
-    has ended, so its status is there to look at (both returns of a task arrive
-    together). Otherwise ``exc`` is the call's own: the caller re-raises it."""
-    for value in inputs:
-        status = value.status if type(value) is RayRef else None
-        if status is None:
-            continue
-        ready, _ = ray.wait([status], timeout=0)
-        if not ready:
-            continue
-        try:
-            ray.get(status, timeout=0)
-        except Exception:
-            raise UpstreamFailed(f"its input from node {value.node!r} failed") from exc
 
 
 def _settle(refs: list[Any]) -> None:

@@ -1,0 +1,253 @@
+"""Ray calls whose output went on before anybody knew they had ended.
+
+A ray-placed node whose consumers are all plain ray-placed nodes hands the ref of its
+output on as soon as its call is submitted (:class:`HandedCall`, a
+:class:`~._base.Handed`): the next node submits its own call with it at once and Ray
+resolves the ref in that actor, as a plain chain of actor calls does. Nobody waits for
+such a call by itself -- a wait per hop per item costs the engine's process more than
+the hop -- so its outcome is learnt where a value that depends on it is waited for anyway:
+
+- a consumer's own call succeeded: every handed-on call behind its inputs succeeded too,
+  since Ray runs a call only once its inputs exist (:func:`confirm`);
+- a consumer's call failed: the statuses behind its inputs say whether a handed-on call
+  failed first (:func:`blame`); that call fails the request at its own node (an actor
+  that died is replaced there) and the consumer's item is dropped
+  (:class:`~._base.UpstreamFailed`);
+- the request ended first: the calls it still owns are cancelled in Ray.
+
+Until then a call holds one of its replica's ``max_in_flight`` places (:class:`Places`):
+the bound on calls outstanding per actor. A merge that keeps parts back until the rest
+of its request's parts arrive gives their places back early (:func:`hold`), or a shard
+with more parts than places would wait on itself.
+
+The body's time, measured in the actor, is the call's small status object; the busy
+time it adds to the node's stats is fetched for many calls at once
+(:class:`Unreported`), never one fetch per call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from .._request import SUCCEEDED
+from ._base import Handed, Report, UpstreamFailed
+from ._ray_refs import RayRef, cancel
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+    from .._request import Request
+
+__all__ = ["HandedCall", "Places", "Unreported", "blame", "confirm", "handed_calls", "hold"]
+
+_REPORT_EVERY = 32  # successful calls whose busy times are fetched together
+_REPORT_AFTER_S = 1.0  # ... or fewer, once this long passed since the last fetch
+
+
+class Places:
+    """A replica's ``max_in_flight`` places for handed-on calls, taken in FIFO order."""
+
+    __slots__ = ("_backend", "_free", "_waiters")
+
+    def __init__(self, backend: Backend, count: int) -> None:
+        self._backend = backend
+        self._free = count
+        self._waiters: deque[Any] = deque()
+
+    async def take(self) -> None:
+        while self._free <= 0:
+            await self._backend.park(self._waiters)
+        self._free -= 1
+
+    def give_back(self) -> None:
+        self._free += 1
+        if self._waiters:
+            self._backend.wake(self._waiters)
+
+
+class Unreported:
+    """Calls that ended well and whose busy times (their status objects) are still to be
+    fetched: in batches, so a hop costs no fetch of its own."""
+
+    __slots__ = ("_calls", "_since")
+
+    def __init__(self) -> None:
+        self._calls: list[HandedCall] = []
+        self._since = time.perf_counter()
+
+    def add(self, call: HandedCall) -> None:
+        self._calls.append(call)
+        if len(self._calls) >= _REPORT_EVERY or time.perf_counter() - self._since > _REPORT_AFTER_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fetch the waiting busy times (their calls ended: the statuses exist) and report."""
+        calls, self._calls = self._calls, []
+        self._since = time.perf_counter()
+        if not calls:
+            return
+        try:
+            times = ray.get([c.status for c in calls], timeout=0)
+        except Exception:  # Ray is shutting down: report the calls, without their times
+            times = [0.0] * len(calls)
+        for call, seconds in zip(calls, times, strict=True):
+            call.report_success(seconds if isinstance(seconds, float) else 0.0)
+
+
+class HandedCall(Handed):
+    """One submitted call whose output (:attr:`value`, a :class:`RayRef`) went on at once.
+
+    ``failure`` turns the call's error (Ray's, from its status) into what its node fails
+    the request with; ``unreported`` collects its busy time once it ended well.
+    """
+
+    __slots__ = (
+        "_failure",
+        "_handle",
+        "_places",
+        "_report",
+        "_req",
+        "_unreported",
+        "ended_at",
+        "error",
+        "holds",
+        "status",
+    )
+
+    def __init__(
+        self,
+        value: RayRef,
+        status: Any,
+        places: Places,
+        unreported: Unreported,
+        failure: Callable[[BaseException], BaseException],
+    ) -> None:
+        super().__init__(value)
+        self.status = status
+        self._places = places
+        self._unreported = unreported
+        self._failure = failure
+        self._report: Report | None = None
+        self._req: Request | None = None
+        self._handle = 0
+        self.holds = True  # one of the replica's places
+        self.ended_at = 0.0  # when the engine learnt that it ended (0: not yet)
+        self.error: BaseException | None = None  # what it failed with
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at != 0.0
+
+    def adopt(self, req: Request, report: Report) -> None:
+        self._req = req
+        self._report = report
+        # The request's end (any way but success) cancels the call where it runs.
+        self._handle = req.own(self._request_ended)
+
+    def give_place(self) -> None:
+        if self.holds:
+            self.holds = False
+            self._places.give_back()
+
+    def _end(self) -> None:
+        self.ended_at = time.perf_counter()
+        self.give_place()
+        if self._req is not None:
+            self._req.disown(self._handle)
+
+    def succeeded(self) -> None:
+        if not self.ended:
+            self._end()
+            self._unreported.add(self)
+
+    def report_success(self, seconds: float) -> None:
+        if self._report is not None:
+            self._report(seconds, self.ended_at)
+
+    def failed(self, exc: BaseException) -> None:
+        """It raised (its status says so): its node fails the request."""
+        if not self.ended:
+            self._end()
+            self.error = self._failure(exc)
+            if self._report is not None:
+                self._report(self.error, self.ended_at)
+
+    def dropped(self) -> None:
+        """It did not run for its request (an input failed, the request ended)."""
+        if not self.ended:
+            self._end()
+            if self._report is not None:
+                self._report(None, self.ended_at)
+
+    def _request_ended(self) -> None:
+        req = self._req
+        if not self.ended and req is not None and req.state != SUCCEEDED:
+            cancel(self.status)
+        self.dropped()
+
+    def outcome(self) -> tuple[bool, BaseException | None]:
+        """``(ended, error)`` in Ray, without waiting: ``(False, None)`` if still running."""
+        ready, _ = ray.wait([self.status], timeout=0)
+        if not ready:
+            return False, None
+        try:
+            ray.get(self.status, timeout=0)
+        except Exception as exc:
+            return True, exc
+        return True, None
+
+
+def _calls(inputs: list[Any]) -> list[HandedCall]:
+    return [c for v in inputs if type(v) is RayRef for c in v.calls]
+
+
+def confirm(inputs: list[Any]) -> None:
+    """A call that took ``inputs`` succeeded: so did every call they were handed on by."""
+    for value in inputs:
+        if type(value) is RayRef and value.calls:
+            for call in value.calls:
+                call.succeeded()
+
+
+def hold(inputs: list[Any]) -> None:
+    """``inputs`` wait (a merge's parts) for more of their request: their calls give
+    their places back, so the calls that compute the rest can be submitted."""
+    for call in _calls(inputs):
+        call.give_place()
+
+
+def blame(exc: BaseException, inputs: list[Any]) -> None:
+    """Raise :class:`UpstreamFailed` (from ``exc``) if a call an input was handed on by
+    failed: the first of them (upstream first) fails the request at its node, the ones
+    that only saw its error are dropped. Otherwise ``exc`` is the call's own."""
+    origin: HandedCall | None = None
+    for call in _calls(inputs):
+        if call.ended:
+            if call.error is not None and origin is None:
+                origin = call  # already blamed, by another consumer of it
+            continue
+        ended, error = call.outcome()
+        if not ended:
+            continue
+        if error is None:
+            call.succeeded()
+        elif origin is None:
+            origin = call
+            call.failed(error)
+        else:
+            call.dropped()
+    if origin is not None:
+        raise UpstreamFailed(f"its input from node {origin.value.node!r} failed") from exc
+
+
+def handed_calls(inputs: list[Any], own: HandedCall | None = None) -> tuple[HandedCall, ...]:
+    """The calls a value computed from ``inputs`` depends on and nobody has seen end yet
+    (upstream first), with ``own`` -- the call computing it -- last."""
+    pending = [c for c in _calls(inputs) if not c.ended]
+    if own is not None:
+        pending.append(own)
+    return tuple(pending)
