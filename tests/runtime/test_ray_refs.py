@@ -286,8 +286,7 @@ async def test_a_handed_on_node_keeps_at_most_max_in_flight_calls_ahead_of_the_c
         return x
 
     def held(x: int) -> int:
-        if x == 0:
-            ray.get(probe.wait.remote("release"))
+        ray.get(probe.wait.remote("release"))  # the first item to come holds the actor
         return x * 10
 
     first = df.map(ahead, name="ahead", placement="ray", options={**FREE, "max_in_flight": 2})
@@ -303,8 +302,9 @@ async def test_a_handed_on_node_keeps_at_most_max_in_flight_calls_ahead_of_the_c
 
             for x in range(6):
                 tg.start_soon(one, x)
-            # Both of ahead's calls ran long ago; nobody has seen them end (held has not
-            # returned), so they hold its two places and its third item waits for one.
+            # Two of ahead's calls ran; nobody has seen them end (held has not returned),
+            # so they hold its two places and its third item waits for one.
+            await get(probe.wait.remote("ahead-ran=2"))
             with anyio.fail_after(30):
                 while not replica._places._waiters:
                     await anyio.lowlevel.checkpoint()
