@@ -30,8 +30,9 @@ import ray.exceptions
 
 from ...graph import Node, Plan
 from .._backend import ThreadCall
-from ._base import Replica
+from ._base import LoopReplica
 from ._ray_actor import Raised, actor_class
+from ._ray_handed import Places
 from ._ray_options import ray_options
 from ._ray_refs import RayRef, value_of
 from ._ray_replica import RayReplica, _kill
@@ -73,21 +74,22 @@ def plan_chains(
     return hints
 
 
-class ChainFollower(Replica):
+class ChainFollower(LoopReplica):
     """A node inside a compiled chain: the chain's head computed its output already.
 
-    It hands on what it gets, and raises a body's exception that belongs to it."""
+    It hands on what it gets, and raises a body's exception that belongs to it: a
+    function on the loop, so the head's output crosses it inline (no hop of its own)."""
 
     def __init__(self, node: Node, index: int) -> None:
         super().__init__(node, index, owns_setup=False)
 
     async def start(self) -> None:
-        return None
+        self.body = self._forward
 
     async def stop(self) -> None:
         return None
 
-    async def call(self, value: Any, kw: dict[str, Any]) -> Any:
+    def _forward(self, value: Any) -> Any:
         if type(value) is Raised and value.node == self.node.name:
             raise value.error
         return value
@@ -113,7 +115,7 @@ class CompiledRayReplica(RayReplica):
         self._dag: Any = None
         self._jobs: queue.SimpleQueue[tuple[Any, ThreadCall] | None] | None = None
         self._reader: threading.Thread | None = None
-        self._room: anyio.Semaphore | None = None
+        self._room: Places | None = None
 
     async def _spawn(self) -> None:
         await super()._spawn()
@@ -132,7 +134,7 @@ class CompiledRayReplica(RayReplica):
         window = self.options.max_in_flight
         self._dag = out.experimental_compile(_max_inflight_executions=window)
         # Executions in flight, abandoned ones included: execute() must never block.
-        self._room = anyio.Semaphore(window)
+        self._room = Places(self.backend, window)
         jobs: queue.SimpleQueue[tuple[Any, ThreadCall] | None] = queue.SimpleQueue()
         self._jobs = jobs
         self._reader = threading.Thread(
@@ -199,19 +201,19 @@ class CompiledRayReplica(RayReplica):
         _, generation = await self._live()
         room = self._room
         assert room is not None
-        await room.acquire()
+        await room.take()
         # Taken after the wait, with no await until the job is queued: a graph let go
         # of meanwhile fails this call (below) rather than leaving it unread.
         dag, jobs = self._dag, self._jobs
         if dag is None or jobs is None:
-            room.release()
+            room.give_back()
             raise self._died(generation, RuntimeError("the actor's Compiled Graph was torn down"))
         call = ThreadCall(_none, ())
-        call.on_done = room.release  # on the loop, once the result is read
+        call.on_done = room.give_back  # on the loop, once the result is read
         try:
             ref = dag.execute(kw, value)
         except BaseException:
-            room.release()
+            room.give_back()
             raise
         try:
             out = await self.backend.call_in_thread(lambda c: jobs.put((ref, c)), call)
