@@ -557,7 +557,6 @@ class NodeRunner(OrderedOutputs):
         parts = entry[1]
         parts[slot] = it.value
         if len(parts) < expected:
-            self.replica_objs[index].hold([it.value])
             return
         del gather.groups[prefix]
         ordered = [parts[i] for i in range(expected)]

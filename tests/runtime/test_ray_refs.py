@@ -278,22 +278,23 @@ def test_a_call_failing_on_a_failed_handed_on_input_is_blamed_on_that_input(
 
 
 # -- handed-on calls: their places, and what they report -----------------------------------
-async def test_a_handed_on_node_keeps_at_most_max_in_flight_calls_ahead_of_the_chain(
+async def test_a_handed_on_node_keeps_at_most_max_in_flight_calls_in_its_actor(
     probe: Any,
 ) -> None:
     def ahead(x: int) -> int:
-        ray.get(probe.add.remote("ahead-ran"))
+        ray.get(probe.add.remote("ahead-begun"))
+        ray.get(probe.wait.remote("release"))  # the first call holds the actor
         return x
 
-    def held(x: int) -> int:
-        ray.get(probe.wait.remote("release"))  # the first item to come holds the actor
+    def last(x: int) -> int:
         return x * 10
 
     first = df.map(ahead, name="ahead", placement="ray", options={**FREE, "max_in_flight": 2})
-    last = df.map(held, name="held", placement="ray", options=FREE)
-    async with df.Engine(df.Graph("places", first >> last)) as engine:
+    graph = df.Graph("places", first >> df.map(last, name="last", placement="ray", options=FREE))
+    async with df.Engine(graph) as engine:
         replica = engine._scheduler.runners["ahead"].replica_objs[0]  # type: ignore[union-attr]
         assert replica.hand_on  # its ref goes on as soon as its call is submitted
+        places = replica._places
         async with anyio.create_task_group() as tg:
             results: list[int] = []
 
@@ -302,16 +303,18 @@ async def test_a_handed_on_node_keeps_at_most_max_in_flight_calls_ahead_of_the_c
 
             for x in range(6):
                 tg.start_soon(one, x)
-            # Two of ahead's calls ran; nobody has seen them end (held has not returned),
-            # so they hold its two places and its third item waits for one.
-            await get(probe.wait.remote("ahead-ran=2"))
+            # One call runs (held), one waits in the actor's queue: both places are
+            # taken, and the third item waits for one, watching the oldest call.
+            await get(probe.wait.remote("ahead-begun=1"))
             with anyio.fail_after(30):
-                while not replica._places._waiters:
+                while not places._waiters:
                     await anyio.lowlevel.checkpoint()
-            assert await get(probe.count.remote("ahead-ran")) == 2
+            assert places._free == 0
+            assert sum(call.holds for call in places._held) == 2
             await get(probe.set.remote("release"))
     assert sorted(results) == [0, 10, 20, 30, 40, 50]
-    assert replica._places._free == 2  # every place given back
+    assert places._free == 2  # every place given back
+    assert await get(probe.count.remote("ahead-begun")) == 6
 
 
 async def test_a_merge_waiting_for_more_parts_than_a_handed_on_node_has_places(

@@ -164,10 +164,6 @@ class Replica:
         """Add to the node's stats what this replica still holds back (before a stats
         snapshot): a Ray replica's busy times not fetched yet."""
 
-    def hold(self, values: list[Any]) -> None:
-        """``values`` wait at this replica's node (a merge's parts) for the rest of their
-        request: whatever they hold where they were computed may be given back."""
-
     async def call_batch(self, batch: Batch, values: list[Any], kw: dict[str, Any]) -> list[Any]:
         """Collate ``values``, call the body once, split its output per input."""
         from .._batching import run_batch

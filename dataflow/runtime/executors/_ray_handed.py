@@ -15,10 +15,10 @@ the hop -- so its outcome is learnt where a value that depends on it is waited f
   (:class:`~._base.UpstreamFailed`);
 - the request ended first: the calls it still owns are cancelled in Ray.
 
-Until then a call holds one of its replica's ``max_in_flight`` places (:class:`Places`):
-the bound on calls outstanding per actor. A merge that keeps parts back until the rest
-of its request's parts arrive gives their places back early (:func:`hold`), or a shard
-with more parts than places would wait on itself.
+A call holds one of its replica's ``max_in_flight`` places (:class:`Places`), the
+bound on calls outstanding per actor, until it is seen to end or -- when the replica
+needs the place -- seen to have finished in Ray (or a merge waiting for more of a
+request's parts than there are places upstream would wait on itself).
 
 The body's time, measured in the actor, is the call's small status object; the busy
 time it adds to the node's stats is fetched for many calls at once
@@ -36,31 +36,53 @@ import ray
 
 from .._request import SUCCEEDED
 from ._base import Handed, Report, UpstreamFailed
-from ._ray_refs import RayRef, cancel
+from ._ray_refs import RayRef, cancel, ready_or_woken
 
 if TYPE_CHECKING:
     from .._backend import Backend
     from .._request import Request
 
-__all__ = ["HandedCall", "Places", "Unreported", "blame", "confirm", "handed_calls", "hold"]
+__all__ = ["HandedCall", "Places", "Unreported", "blame", "confirm", "handed_calls"]
 
 _REPORT_EVERY = 32  # successful calls whose busy times are fetched together
 _REPORT_AFTER_S = 1.0  # ... or fewer, once this long passed since the last fetch
 
 
 class Places:
-    """A replica's ``max_in_flight`` places for handed-on calls, taken in FIFO order."""
+    """A replica's ``max_in_flight`` places for calls in flight.
 
-    __slots__ = ("_backend", "_free", "_waiters")
+    A handed-on call holds its place until somebody sees it end (usually the chain's
+    last node, much later). When none is free, the one waiting for a place also watches
+    the oldest call holding one: once that call has finished in Ray -- its status exists,
+    whatever it says -- its place comes back, so each stage of a chain keeps its own
+    ``max_in_flight`` calls going, not the chain as a whole. That costs one readiness
+    callback per wait, none when places are free.
+    """
+
+    __slots__ = ("_backend", "_free", "_held", "_waiters")
 
     def __init__(self, backend: Backend, count: int) -> None:
         self._backend = backend
         self._free = count
+        self._held: deque[HandedCall] = deque()  # oldest first (some gave theirs back)
         self._waiters: deque[Any] = deque()
+
+    def held_by(self, call: HandedCall) -> None:
+        """``call`` took the place :meth:`take` gave."""
+        self._held.append(call)
 
     async def take(self) -> None:
         while self._free <= 0:
-            await self._backend.park(self._waiters)
+            held = self._held
+            while held and not held[0].holds:
+                held.popleft()
+            if not held:
+                await self._backend.park(self._waiters)
+                continue
+            oldest = held[0]
+            finished = await ready_or_woken(self._backend, oldest.status, self._waiters)
+            if finished:
+                oldest.give_place()
         self._free -= 1
 
     def give_back(self) -> None:
@@ -211,13 +233,6 @@ def confirm(inputs: list[Any]) -> None:
         if type(value) is RayRef and value.calls:
             for call in value.calls:
                 call.succeeded()
-
-
-def hold(inputs: list[Any]) -> None:
-    """``inputs`` wait (a merge's parts) for more of their request: their calls give
-    their places back, so the calls that compute the rest can be submitted."""
-    for call in _calls(inputs):
-        call.give_place()
 
 
 def blame(exc: BaseException, inputs: list[Any]) -> None:

@@ -152,6 +152,19 @@ async def value_of(backend: Backend, ref: Any) -> Any:
     return result
 
 
+async def ready_or_woken(backend: Backend, ref: Any, waiters: deque[Any]) -> bool:
+    """Park on ``waiters`` until woken there or ``ref`` exists (without fetching it);
+    True if it exists."""
+    box = _Box()
+    box.waiters = waiters  # the arrival wakes this task where it parks anyway
+    stop_waiting = ref._on_ready(functools.partial(_arrivals(backend).add, box))
+    try:
+        await backend.park(waiters)
+    finally:
+        stop_waiting()
+    return box.done
+
+
 async def ready(backend: Backend, *refs: Any) -> None:
     """Wait until one of ``refs`` exists, without fetching or deserialising it."""
     box = _Box()

@@ -14,7 +14,7 @@ from ...graph import Batch, Node
 from .._backend import Backend
 from ._base import Replica
 from ._ray_actor import actor_class, unwrap
-from ._ray_handed import HandedCall, Places, Unreported, blame, confirm, handed_calls, hold
+from ._ray_handed import HandedCall, Places, Unreported, blame, confirm, handed_calls
 from ._ray_options import RayOptions, ensure_ray
 from ._ray_refs import END, RayRef, RayStream, arg, has_refs, value_of
 
@@ -262,10 +262,8 @@ class RayReplica(Replica):
             out, status, places, self._unreported, lambda exc: self._failure(generation, exc)
         )
         out.calls = handed_calls(inputs, call)
+        places.held_by(call)
         return call
-
-    def hold(self, values: list[Any]) -> None:
-        hold(values)
 
     def report_stats(self) -> None:
         self._unreported.flush()
