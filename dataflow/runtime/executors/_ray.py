@@ -13,6 +13,8 @@ The modules:
 - ``_ray_refs``: awaiting refs and streams on asyncio and trio without threads, and
   :class:`RayRef`, the output of a node whose consumers are all ray-placed: it goes on
   actor to actor as an ``ObjectRef`` and is fetched only where the engine needs it.
+- ``_ray_handed``: calls whose ref went on as soon as they were submitted, settled by
+  whoever later waits on something that depends on them.
 - ``_ray_replica``: :class:`RayReplica`, the driver side.
 - ``_ray_compiled``: chains of nodes with ``options={"compiled": True}`` run as one Ray
   Compiled Graph.
@@ -23,7 +25,8 @@ the replicas it makes with :func:`configure`.
 Across the boundary:
 
 - **Backpressure**: the runner keeps at most ``max_in_flight`` calls outstanding per
-  actor (one worker lane each), and a generator body pauses once ``max_in_flight`` of
+  actor (one worker lane each, or one lane and that many places for a node whose
+  calls hand their output on), and a generator body pauses once ``max_in_flight`` of
   its outputs wait unread (Ray's streaming-generator backpressure).
 - **Cancellation**: a request's end cancels its Ray calls (a queued call is dropped; a
   call already running finishes and its result is dropped, as with thread placement);
