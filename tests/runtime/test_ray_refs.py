@@ -361,3 +361,32 @@ async def test_a_handed_on_node_reports_its_bodys_time_not_the_chains(ray_cluste
     assert nodes["slow"]["busy_s"][0] >= 10 * 0.02
     assert 0 < nodes["quick"]["busy_s"][0] < nodes["slow"]["busy_s"][0] / 10
     assert nodes["quick"]["succeeded"] == 10 and nodes["quick"]["failed"] == 0
+
+
+async def test_a_handed_on_node_keeps_no_record_of_calls_that_gave_their_place_back(
+    probe: Any,
+) -> None:
+    def then(x: int) -> int:
+        if x == 0:  # the chain's end of item 0 is not seen for a long time
+            ray.get(probe.wait.remote("release-then"))
+        return x
+
+    chain = df.map(lambda x: x, name="first", placement="ray", options={**FREE, "max_in_flight": 3})
+    # Two actors, one lane each: item 0 holds one, the others go to the other.
+    chain = chain >> df.map(
+        then, name="then", placement="ray", replicas=2, options={**FREE, "max_in_flight": 1}
+    )
+    async with df.Engine(df.Graph("held", chain)) as engine:
+        places = engine._scheduler.runners["first"].replica_objs[0]._places  # type: ignore[union-attr]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run, 0)
+            with anyio.fail_after(30):
+                while not places._held:
+                    await anyio.lowlevel.checkpoint()
+            # Dozens of calls behind item 0's, which keeps its place all along.
+            for x in range(1, 40):
+                with anyio.fail_after(30):
+                    assert await engine.run(x) == x
+            assert places._held[0].holds
+            assert len(places._held) <= 2 * 3
+            await get(probe.set.remote("release-then"))

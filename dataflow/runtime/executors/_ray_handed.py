@@ -59,17 +59,24 @@ class Places:
     callback per wait, none when places are free.
     """
 
-    __slots__ = ("_backend", "_free", "_held", "_waiters")
+    __slots__ = ("_backend", "_count", "_free", "_held", "_waiters")
 
     def __init__(self, backend: Backend, count: int) -> None:
         self._backend = backend
+        self._count = count
         self._free = count
         self._held: deque[HandedCall] = deque()  # oldest first (some gave theirs back)
         self._waiters: deque[Any] = deque()
 
     def held_by(self, call: HandedCall) -> None:
         """``call`` took the place :meth:`take` gave."""
-        self._held.append(call)
+        held = self._held
+        held.append(call)
+        if len(held) > 2 * self._count:
+            # Calls mostly give their places back oldest first, but one that runs long
+            # keeps the ones behind it here: drop those that gave theirs back, so this
+            # stays within twice the places whatever the traffic.
+            self._held = deque(c for c in held if c.holds)
 
     async def take(self) -> None:
         while self._free <= 0:
