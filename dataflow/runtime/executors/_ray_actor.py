@@ -115,27 +115,20 @@ class _NodeActor(_CallActor):
     # outputs: a per-call ``.options()`` costs more than the rest of submitting.)
     @ray.method(num_returns=2)
     def call_ref(self, kw: dict[str, Any], value: Any) -> tuple[float, Any]:
-        start = time.perf_counter()
-        out = self._body(value, **kw)
-        return time.perf_counter() - start, out
+        return _timed(self._body, value, **kw)
 
     @ray.method(num_returns=2)
     def call_ref_plain(self, value: Any) -> tuple[float, Any]:
         """``call_ref`` without parameters: one argument less to serialise."""
-        start = time.perf_counter()
-        out = self._body(value)
-        return time.perf_counter() - start, out
+        return _timed(self._body, value)
 
     @ray.method(num_returns=2)
     def call_parts_ref(self, kw: dict[str, Any], *parts: Any) -> tuple[float, Any]:
-        start = time.perf_counter()
-        out = self._body(list(parts), **kw)
-        return time.perf_counter() - start, out
+        return _timed(self._body, list(parts), **kw)
 
     def call_batch_ref(self, kw: dict[str, Any], *values: Any) -> tuple[Any, ...]:
-        start = time.perf_counter()
-        outs = self.call_batch(kw, *values)
-        return (time.perf_counter() - start, *outs)
+        seconds, outs = _timed(self.call_batch, kw, *values)
+        return (seconds, *outs)
 
     # -- generators ----------------------------------------------------------------------
     def iterate(self, sid: int, kw: dict[str, Any], value: Any) -> Iterator[Any]:
@@ -160,6 +153,13 @@ class _NodeActor(_CallActor):
     def stop(self, sid: int) -> None:
         with self._lock:
             self._stopped.add(sid)
+
+
+def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[float, Any]:
+    """``(seconds, fn(*args, **kw))``: the status a ``*_ref`` call returns first."""
+    start = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - start, out
 
 
 _ACTOR_CLASSES: dict[bool, Any] = {}

@@ -202,15 +202,17 @@ class HandedCall(Handed):
         if not self.ended:
             self._end()
             self.error = self._failure(exc)
-            if self._report is not None:
-                self._report(self.error, self.ended_at)
+            self._tell(self.error)
 
     def dropped(self) -> None:
         """It did not run for its request (an input failed, the request ended)."""
         if not self.ended:
             self._end()
-            if self._report is not None:
-                self._report(None, self.ended_at)
+            self._tell(None)
+
+    def _tell(self, outcome: BaseException | None) -> None:
+        if self._report is not None:
+            self._report(outcome, self.ended_at)
 
     def _request_ended(self) -> None:
         req = self._req
@@ -236,10 +238,8 @@ def _calls(inputs: list[Any]) -> list[HandedCall]:
 
 def confirm(inputs: list[Any]) -> None:
     """A call that took ``inputs`` succeeded: so did every call they were handed on by."""
-    for value in inputs:
-        if type(value) is RayRef and value.calls:
-            for call in value.calls:
-                call.succeeded()
+    for call in _calls(inputs):
+        call.succeeded()
 
 
 def blame(exc: BaseException, inputs: list[Any]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -131,6 +132,11 @@ def _arrivals(backend: Backend) -> _Arrivals:
     return found
 
 
+def _arrive(backend: Backend, box: _Box) -> Callable[[Any], None]:
+    """The callback to give Ray: it resolves ``box`` on ``backend``'s loop."""
+    return functools.partial(_arrivals(backend).add, box)
+
+
 async def _wait(backend: Backend, box: _Box) -> Any:
     while not box.done:
         await backend.park(box.waiters)
@@ -141,7 +147,7 @@ async def value_of(backend: Backend, ref: Any) -> Any:
     """The value of ``ref`` (raising Ray's error if its task failed), on asyncio or
     trio. A caller that stops waiting cancels the task in Ray."""
     box = _Box()
-    ref._on_completed(functools.partial(_arrivals(backend).add, box))
+    ref._on_completed(_arrive(backend, box))
     try:
         result = await _wait(backend, box)
     except BaseException:
@@ -157,7 +163,7 @@ async def ready_or_woken(backend: Backend, ref: Any, waiters: deque[Any]) -> boo
     True if it exists."""
     box = _Box()
     box.waiters = waiters  # the arrival wakes this task where it parks anyway
-    stop_waiting = ref._on_ready(functools.partial(_arrivals(backend).add, box))
+    stop_waiting = ref._on_ready(_arrive(backend, box))
     try:
         await backend.park(waiters)
     finally:
@@ -168,7 +174,7 @@ async def ready_or_woken(backend: Backend, ref: Any, waiters: deque[Any]) -> boo
 async def ready(backend: Backend, *refs: Any) -> None:
     """Wait until one of ``refs`` exists, without fetching or deserialising it."""
     box = _Box()
-    arrived = functools.partial(_arrivals(backend).add, box)
+    arrived = _arrive(backend, box)
     stop_waiting = [ref._on_ready(arrived) for ref in refs]
     try:
         await _wait(backend, box)
