@@ -19,6 +19,7 @@ from .._errors import NodeError
 from ..graph import Node
 from ._borrow import borrow
 from ._channel import BrokenChannel, Channel
+from ._coalesce import group_limit, run_coalesced
 from ._generators import run_generator
 from ._hops import Output, advance, deliver, deliver_nowait
 from ._ordering import OrderedOutputs, _Slot
@@ -133,6 +134,7 @@ class NodeRunner(OrderedOutputs):
         self.detached = 0  # generators going on in their own task now
         self._interruptible = False  # a replica cancels calls where they run (Ray)
         self.ray_hints: dict[str, Any] = {}  # set by the scheduler for Ray nodes (plan_ray)
+        self._coalesce = False  # items share calls (see _coalesce)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -177,6 +179,8 @@ class NodeRunner(OrderedOutputs):
             self._running = len(self._lanes)
             self._ordered = self.node.ordered and self.node.kind != "merge"
             self._window = max(2 * len(self._lanes), 4)
+        # Items queued here may share calls (see _coalesce).
+        self._coalesce = self.replica_objs[0].coalesce > 1
 
     async def stop(self, grace: float = float("inf")) -> bool:
         """Tear down every replica (``teardown()``, threads joined); never raises.
@@ -375,22 +379,30 @@ class NodeRunner(OrderedOutputs):
                     await self.backend.park(self._window_waiters)
             while self._borrowed:
                 await self.backend.park(self._borrow_waiters)
-            items = inbox.take(1 if (self._ordered or len(self._lanes) > 1) else _TAKE)
+            if self._ordered or len(self._lanes) > 1:
+                # Each lane one item, or as many as one call of its replica may carry.
+                take = group_limit(self, self.replica_objs[index].coalesce)
+            else:
+                take = _TAKE
+            items = inbox.take(take)
             if not items:
                 if not await self._wait_input():
                     return
                 since_park = 0
                 continue
-            for it in items:
-                self.stats.items_in += 1
-                if self._ordered:
-                    slot = self._open_slot(it.req)
-                    try:
-                        await self._process(index, it, slot)
-                    finally:
-                        await self._close_slot(it.req, slot)
-                else:
-                    await self._process(index, it, None)
+            if self._coalesce:
+                await run_coalesced(self, index, items)
+            else:
+                for it in items:
+                    self.stats.items_in += 1
+                    if self._ordered:
+                        slot = self._open_slot(it.req)
+                        try:
+                            await self._process(index, it, slot)
+                        finally:
+                            await self._close_slot(it.req, slot)
+                    else:
+                        await self._process(index, it, None)
             since_park += len(items)
             if since_park >= _FAIR:
                 since_park = 0
@@ -443,10 +455,7 @@ class NodeRunner(OrderedOutputs):
             else:
                 out = await self._call(index, it.value, kw, req)
                 if isinstance(out, Handed):  # settled later, by whoever learns its end
-                    submitted = time.perf_counter()
-                    out.adopt(
-                        req, lambda outcome, at: self._handed(index, req, submitted, outcome, at)
-                    )
+                    self.adopt(index, req, out)
                     out = out.value
                 it.value = out
                 await self._emit(it, collect)
@@ -455,6 +464,11 @@ class NodeRunner(OrderedOutputs):
         except Exception as exc:
             self.stats.failed += 1
             req.fail(node_error(self.name, req, exc))
+
+    def adopt(self, index: int, req: Request, call: Handed) -> None:
+        """``req`` owns ``call``, submitted now: its outcome comes to :meth:`_handed`."""
+        submitted = time.perf_counter()
+        call.adopt(req, lambda outcome, at: self._handed(index, req, submitted, outcome, at))
 
     def _handed(
         self,

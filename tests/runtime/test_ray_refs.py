@@ -240,38 +240,57 @@ def test_a_call_failing_on_a_failed_handed_on_input_is_blamed_on_that_input(
 ) -> None:
     from dataflow.runtime._backend import Backend
     from dataflow.runtime.executors import UpstreamFailed
-    from dataflow.runtime.executors._ray_handed import HandedCall, Places, Unreported, blame
+    from dataflow.runtime.executors._ray_actor import Raised
+    from dataflow.runtime.executors._ray_handed import (
+        Group,
+        HandedCall,
+        Places,
+        Unreported,
+        blame,
+    )
     from dataflow.runtime.executors._ray_refs import RayRef
 
     @ray.remote(num_returns=2, num_cpus=0)
-    def produce(fail: bool) -> tuple[float, int]:
-        if fail:
-            raise ValueError("upstream body failed")
-        return 0.5, 1
+    def produce(how: str) -> tuple[list[Any], Any]:
+        """A one-item call's status and output, as ``call_group`` returns them."""
+        if how == "call":  # the whole call failed in Ray (as when its actor dies)
+            raise ValueError("upstream call failed")
+        if how == "item":  # the body raised for the item
+            raised = Raised("up", ValueError("upstream body failed"))
+            return [raised], raised
+        if how == "skipped":  # its own input had failed: passed on, not run
+            return [None], Raised("before", ValueError("earlier"))
+        return [0.5], 1
 
-    places = Places(Backend(), 1)  # (given back without waiters: the backend is unused)
+    places = Places(Backend(), 4)  # (given back without waiters: the backend is unused)
     reports: list[Any] = []
 
-    def handed(fail: bool) -> tuple[RayRef, HandedCall]:
-        status, ref = produce.remote(fail)
+    def handed(how: str) -> tuple[RayRef, HandedCall]:
+        status, ref = produce.remote(how)
         ray.wait([status])
         value = RayRef(ref, "up")
-        call = HandedCall(value, status, places, Unreported(), lambda exc: exc)
+        call = HandedCall(value, Group(status, places, 1), 0, Unreported(), lambda exc: exc)
         call._report = lambda outcome, at: reports.append(outcome)
         value.calls = (call,)
         return value, call
 
     own = RuntimeError("the call's own error")
-    bad, call = handed(True)
-    with pytest.raises(UpstreamFailed, match="from node 'up'") as info:
-        blame(own, [bad])
-    assert info.value.__cause__ is own
-    # The producer's call failed with its own error, once, however often it is blamed.
-    assert call.ended and len(reports) == 1 and "upstream body failed" in str(reports[0])
-    with pytest.raises(UpstreamFailed):
-        blame(own, [5, bad])
-    assert len(reports) == 1
-    good, call = handed(False)
+    for how, message in (("item", "upstream body failed"), ("call", "upstream call failed")):
+        reports.clear()
+        bad, call = handed(how)
+        with pytest.raises(UpstreamFailed, match="from node 'up'") as info:
+            blame(own, [bad])
+        assert info.value.__cause__ is own
+        # The producer's call failed with its error, once, however often it is blamed.
+        assert call.ended and len(reports) == 1 and message in str(reports[0]), how
+        with pytest.raises(UpstreamFailed):
+            blame(own, [5, bad])
+        assert len(reports) == 1
+    reports.clear()
+    skipped, call = handed("skipped")
+    blame(own, [skipped])  # not its failure: it did not run (blamed further upstream)
+    assert call.ended and call.error is None and reports == [None]
+    good, call = handed("ok")
     blame(own, [good, 5])  # good inputs: the error is the call's own
     assert call.ended and call.error is None
     blame(own, [RayRef(ref=None, node="up")])  # an input known good before it went on

@@ -122,10 +122,28 @@ class Replica:
         # Whether calls return a :class:`Handed` at once (submitted, not finished): the
         # runner then neither times them nor waits for them (see Handed).
         self.hand_on = False
+        # The most items one call may carry (:meth:`submit_group` with hand_on, else
+        # :meth:`call_many`): more than 1 only where calls cost more than bodies (Ray).
+        self.coalesce = 1
         # Seconds :meth:`stop` waits for a body still running (the engine's ``grace``);
         # :attr:`stuck` says it was still running then.
         self.grace = math.inf
         self.stuck = False
+
+    async def submit_group(self, values: list[Any], kw: dict[str, Any]) -> list[Handed]:
+        """With hand_on: one call computing all ``values`` (parameters ``kw``), its outputs
+        handed on at once, one :class:`Handed` per value."""
+        raise NotImplementedError
+
+    async def call_many(self, values: list[Any], kw: dict[str, Any]) -> list[tuple[float, Any]]:
+        """One call computing all ``values``: per value ``(the body's seconds, its
+        output)`` or ``(0.0, the exception it fails with)``."""
+        raise NotImplementedError
+
+    def group_key(self, value: Any) -> Any:
+        """Items may share a call (:meth:`submit_group`) only if their values' keys are
+        the same object."""
+        return None
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` where this replica runs and return the result."""

@@ -4,12 +4,15 @@ Values arrive as top-level arguments, so an ``ObjectRef`` handed on by the previ
 node is resolved here, in the actor, by Ray (never in the engine's process). The
 ``*_ref`` methods return a small status first -- the body's seconds -- and the value as a
 separate object, so the engine learns that a call succeeded (and how long its body took)
-without fetching what it produced.
+without fetching what it produced. ``call_group`` computes several items in one call
+(see ``runtime/_coalesce``): an item whose body raised goes on as :class:`Raised`, which the
+next group passes through and any other call refuses with :class:`InputFailed`.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -22,17 +25,40 @@ import ray.exceptions
 from ...graph import Batch, Node
 from ._base import build_body
 
-__all__ = ["Raised", "actor_class", "unwrap"]
+__all__ = ["InputFailed", "Raised", "actor_class", "unwrap"]
 
 
 class Raised:
-    """A body's exception inside a compiled chain, on its way to the engine."""
+    """A body's exception, on its way to the engine as a value: out of a compiled chain,
+    or as one item's output of a call computing several (the others' are good)."""
 
     __slots__ = ("error", "node")
 
     def __init__(self, node: str, error: Exception) -> None:
         self.node = node
         self.error = error
+
+
+class InputFailed(Exception):
+    """A call refused an input that is a :class:`Raised`: the node that computed the input
+    failed on it (the engine blames that node, see ``_ray_handed.blame``)."""
+
+
+def _good(value: Any) -> Any:
+    if type(value) is Raised:
+        raise InputFailed(f"the input failed at node {value.node!r}")
+    return value
+
+
+def _raised(node: str, exc: Exception) -> Raised:
+    """``exc`` as an item's output, with the actor's traceback; one that cannot be pickled
+    travels as a RuntimeError naming it (or the whole call, every item, would fail)."""
+    exc.add_note(f"raised in a Ray actor:\n{traceback.format_exc()}")
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc} (the exception could not be pickled)")
+    return Raised(node, exc)
 
 
 class _CallActor:
@@ -60,14 +86,14 @@ class _CallActor:
 
     # -- calls: the value comes back to the engine ------------------------------------
     def call(self, kw: dict[str, Any], value: Any) -> Any:
-        return self._body(value, **kw)
+        return self._body(_good(value), **kw)
 
     def call_plain(self, value: Any) -> Any:
         """``call`` without parameters: one argument less to serialise."""
-        return self._body(value)
+        return self._body(_good(value))
 
     def call_parts(self, kw: dict[str, Any], *parts: Any) -> Any:
-        return self._body(list(parts), **kw)
+        return self._body([_good(p) for p in parts], **kw)
 
     def chain_call(self, kw: dict[str, Any], value: Any) -> Any:
         """One step of a compiled chain: a body's exception travels on as
@@ -77,8 +103,7 @@ class _CallActor:
         try:
             return self._body(value, **kw)
         except Exception as exc:
-            exc.add_note(f"raised in a Ray actor:\n{traceback.format_exc()}")
-            return Raised(self._node.name, exc)
+            return _raised(self._node.name, exc)
 
     def call_batch(self, kw: dict[str, Any], *values: Any) -> Any:
         from .._batching import run_batch
@@ -115,16 +140,37 @@ class _NodeActor(_CallActor):
     # outputs: a per-call ``.options()`` costs more than the rest of submitting.)
     @ray.method(num_returns=2)
     def call_ref(self, kw: dict[str, Any], value: Any) -> tuple[float, Any]:
-        return _timed(self._body, value, **kw)
-
-    @ray.method(num_returns=2)
-    def call_ref_plain(self, value: Any) -> tuple[float, Any]:
-        """``call_ref`` without parameters: one argument less to serialise."""
-        return _timed(self._body, value)
+        return _timed(self._body, _good(value), **kw)
 
     @ray.method(num_returns=2)
     def call_parts_ref(self, kw: dict[str, Any], *parts: Any) -> tuple[float, Any]:
-        return _timed(self._body, list(parts), **kw)
+        return _timed(self._body, [_good(p) for p in parts], **kw)
+
+    def call_group(self, kw: dict[str, Any], *values: Any) -> tuple[Any, ...]:
+        """Several items in one call: the status -- per item, the body's seconds, the
+        :class:`Raised` it failed with, or None for an input that had failed already
+        (passed on as it is) -- then each item's output; as one object, or (submitted
+        with ``num_returns=len(values) + 1``) each its own. The call itself never fails
+        for one item."""
+        body = self._body
+        perf = time.perf_counter
+        status: list[Any] = []
+        outs: list[Any] = [status]
+        for value in values:
+            if type(value) is Raised:
+                status.append(None)
+                outs.append(value)
+                continue
+            start = perf()
+            try:
+                out = body(value, **kw)
+            except Exception as exc:
+                out = _raised(self._node.name, exc)
+                status.append(out)
+            else:
+                status.append(perf() - start)
+            outs.append(out)
+        return tuple(outs)
 
     def call_batch_ref(self, kw: dict[str, Any], *values: Any) -> tuple[Any, ...]:
         seconds, outs = _timed(self.call_batch, kw, *values)
@@ -138,7 +184,7 @@ class _NodeActor(_CallActor):
             self._stopped = {s for s in self._stopped if s >= sid}
             if sid in self._stopped:  # stopped before it began
                 return
-        gen = self._body(value, **kw)
+        gen = self._body(_good(value), **kw)
         try:
             for out in gen:
                 yield out

@@ -36,16 +36,44 @@ import ray
 
 from .._request import SUCCEEDED
 from ._base import Handed, Report, UpstreamFailed
+from ._ray_actor import Raised
 from ._ray_refs import RayRef, cancel, ready_or_woken
 
 if TYPE_CHECKING:
     from .._backend import Backend
     from .._request import Request
 
-__all__ = ["HandedCall", "Places", "Unreported", "blame", "confirm", "handed_calls"]
+__all__ = ["Group", "HandedCall", "Places", "Unreported", "blame", "confirm", "handed_calls"]
 
 _REPORT_EVERY = 32  # successful calls whose busy times are fetched together
 _REPORT_AFTER_S = 1.0  # ... or fewer, once this long passed since the last fetch
+
+
+class Group:
+    """One actor call computing one or more items, each a :class:`HandedCall`.
+
+    Its status is one small object for all of them (see ``_NodeActor.call_group``);
+    it holds one of the replica's places until every item is seen to end, or until the
+    replica, short of places, sees the call finished in Ray.
+    """
+
+    __slots__ = ("_places", "holds", "live", "status")
+
+    def __init__(self, status: Any, places: Places, size: int) -> None:
+        self.status = status
+        self._places = places
+        self.holds = True  # one of the replica's places
+        self.live = size  # items not yet seen to end
+
+    def give_place(self) -> None:
+        if self.holds:
+            self.holds = False
+            self._places.give_back()
+
+    def item_ended(self) -> None:
+        self.live -= 1
+        if self.live == 0:
+            self.give_place()
 
 
 class Places:
@@ -65,10 +93,10 @@ class Places:
         self._backend = backend
         self._count = count
         self._free = count
-        self._held: deque[HandedCall] = deque()  # oldest first (some gave theirs back)
+        self._held: deque[Group] = deque()  # oldest first (some gave theirs back)
         self._waiters: deque[Any] = deque()
 
-    def held_by(self, call: HandedCall) -> None:
+    def held_by(self, call: Group) -> None:
         """``call`` took the place :meth:`take` gave."""
         held = self._held
         held.append(call)
@@ -99,8 +127,8 @@ class Places:
 
 
 class Unreported:
-    """Calls that ended well and whose busy times (their status objects) are still to be
-    fetched: in batches, so a hop costs no fetch of its own."""
+    """Calls that ended well and whose busy times (in their status objects) are still to
+    be fetched: in batches, so a hop costs no fetch of its own."""
 
     __slots__ = ("_calls", "_since")
 
@@ -119,51 +147,58 @@ class Unreported:
         self._since = time.perf_counter()
         if not calls:
             return
+        groups = list({id(c.group): c.group for c in calls}.values())
         try:
-            times = ray.get([c.status for c in calls], timeout=0)
+            statuses = ray.get([g.status for g in groups], timeout=0)
         except Exception:  # Ray is shutting down: report the calls, without their times
-            times = [0.0] * len(calls)
-        for call, seconds in zip(calls, times, strict=True):
+            statuses = [None] * len(groups)
+        got = {id(g): status for g, status in zip(groups, statuses, strict=True)}
+        for call in calls:
+            status = got[id(call.group)]
+            seconds = status[call.slot] if status is not None else 0.0
             call.report_success(seconds if isinstance(seconds, float) else 0.0)
 
 
-class HandedCall(Handed):
-    """One submitted call whose output (:attr:`value`, a :class:`RayRef`) went on at once.
+SKIPPED = object()  # an item's input had failed already: its body did not run
 
-    ``failure`` turns the call's error (Ray's, from its status) into what its node fails
-    the request with; ``unreported`` collects its busy time once it ended well.
+
+class HandedCall(Handed):
+    """One item of a submitted :class:`Group`, whose output (:attr:`value`, a
+    :class:`RayRef`) went on at once.
+
+    ``failure`` turns the item's error (the body's, or Ray's for the whole call) into
+    what its node fails the request with; ``unreported`` collects its busy time once it
+    ended well.
     """
 
     __slots__ = (
         "_failure",
         "_handle",
-        "_places",
         "_report",
         "_req",
         "_unreported",
         "ended_at",
         "error",
-        "holds",
-        "status",
+        "group",
+        "slot",
     )
 
     def __init__(
         self,
         value: RayRef,
-        status: Any,
-        places: Places,
+        group: Group,
+        slot: int,
         unreported: Unreported,
         failure: Callable[[BaseException], BaseException],
     ) -> None:
         super().__init__(value)
-        self.status = status
-        self._places = places
+        self.group = group
+        self.slot = slot  # which of the group's items
         self._unreported = unreported
         self._failure = failure
         self._report: Report | None = None
         self._req: Request | None = None
         self._handle = 0
-        self.holds = True  # one of the replica's places
         self.ended_at = 0.0  # when the engine learnt that it ended (0: not yet)
         self.error: BaseException | None = None  # what it failed with
 
@@ -177,14 +212,9 @@ class HandedCall(Handed):
         # The request's end (any way but success) cancels the call where it runs.
         self._handle = req.own(self._request_ended)
 
-    def give_place(self) -> None:
-        if self.holds:
-            self.holds = False
-            self._places.give_back()
-
     def _end(self) -> None:
         self.ended_at = time.perf_counter()
-        self.give_place()
+        self.group.item_ended()
         if self._req is not None:
             self._req.disown(self._handle)
 
@@ -216,19 +246,30 @@ class HandedCall(Handed):
 
     def _request_ended(self) -> None:
         req = self._req
-        if not self.ended and req is not None and req.state != SUCCEEDED:
-            cancel(self.status)
+        group = self.group
+        if not self.ended and req is not None and req.state != SUCCEEDED and group.live == 1:
+            # The last of the group's items whose request still wanted it: nobody does.
+            # (Ray cancels a call as a whole, so not while another item's request waits.)
+            cancel(group.status)
         self.dropped()
 
-    def outcome(self) -> tuple[bool, BaseException | None]:
-        """``(ended, error)`` in Ray, without waiting: ``(False, None)`` if still running."""
-        ready, _ = ray.wait([self.status], timeout=0)
+    def outcome(self) -> tuple[bool, Any]:
+        """``(ended, error)`` in Ray, without waiting: ``(False, None)`` while the call
+        runs, ``(True, None)`` if the body succeeded, ``(True, SKIPPED)`` if its input
+        had failed already."""
+        status = self.group.status
+        ready, _ = ray.wait([status], timeout=0)
         if not ready:
             return False, None
         try:
-            ray.get(self.status, timeout=0)
-        except Exception as exc:
+            entries = ray.get(status, timeout=0)
+        except Exception as exc:  # the whole call failed (its actor died, cancelled)
             return True, exc
+        entry = entries[self.slot]
+        if entry is None:
+            return True, SKIPPED
+        if isinstance(entry, Raised):
+            return True, entry.error
         return True, None
 
 
@@ -257,6 +298,8 @@ def blame(exc: BaseException, inputs: list[Any]) -> None:
             continue
         if error is None:
             call.succeeded()
+        elif error is SKIPPED:
+            call.dropped()  # the input it was handed failed: blamed upstream of it
         elif origin is None:
             origin = call
             call.failed(error)

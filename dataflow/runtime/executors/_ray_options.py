@@ -3,7 +3,8 @@
 Placement keys say where each actor may run: ``num_cpus``, ``num_gpus``, ``resources``
 (custom resources a node advertises), ``accelerator_type``, ``label_selector`` (node
 labels, Ray >= 2.45) and ``node`` (a node id, hard or ``soft`` affinity). The others say
-how the engine drives the actors (``max_in_flight``, ``max_restarts``, ``start_timeout``)
+how the engine drives the actors (``max_in_flight``, ``coalesce``, ``max_restarts``,
+``start_timeout``)
 and where to find the cluster (``address``, ``runtime_env``). ``compiled`` runs the node
 as a Ray Compiled Graph; a node that cannot be one is a GraphError saying why.
 """
@@ -31,6 +32,7 @@ OPTION_KEYS = frozenset(
         "soft",
         "max_restarts",
         "max_in_flight",
+        "coalesce",
         "address",
         "start_timeout",
         "runtime_env",
@@ -54,6 +56,8 @@ class RayOptions:
         soft: with ``node``, another node may be used when that one is gone or full.
         max_restarts: how many times a replica replaces a dead actor.
         max_in_flight: calls outstanding per actor, and a generator's unread outputs.
+        coalesce: the most items one actor call may carry when items queue at the node
+            (see ``runtime/_coalesce``); 1 sends every item in a call of its own.
         address: the Ray cluster to join if Ray is not initialised yet (``None``: the
             ``RAY_ADDRESS`` variable, else a new local instance); ignored once it is.
         start_timeout: seconds an actor may take to be placed and run ``setup()``.
@@ -71,6 +75,7 @@ class RayOptions:
     soft: bool = False
     max_restarts: int = 1
     max_in_flight: int = 2
+    coalesce: int = 16
     address: str | None = None
     start_timeout: float = 120.0
     runtime_env: dict[str, Any] | None = None
@@ -192,6 +197,7 @@ def ray_options(node: Node) -> RayOptions:
         soft=soft,
         max_restarts=number("max_restarts", 1, minimum=0, integer=True),
         max_in_flight=number("max_in_flight", 2, minimum=1, integer=True),
+        coalesce=number("coalesce", 16, minimum=1, integer=True),
         address=address,
         start_timeout=float(start_timeout),
         runtime_env=runtime_env,

@@ -12,9 +12,9 @@ import ray.exceptions
 
 from ...graph import Batch, Node
 from .._backend import Backend
-from ._base import Replica
-from ._ray_actor import actor_class, unwrap
-from ._ray_handed import HandedCall, Places, Unreported, blame, confirm, handed_calls
+from ._base import Handed, Replica
+from ._ray_actor import InputFailed, actor_class, unwrap
+from ._ray_handed import Group, HandedCall, Places, Unreported, blame, confirm, handed_calls
 from ._ray_options import RayOptions, ensure_ray
 from ._ray_refs import END, RayRef, RayStream, arg, has_refs, value_of
 
@@ -78,6 +78,8 @@ class RayReplica(Replica):
         # where every consumer blames a failed input on the node that computed it.
         self.hand_on = False
         self._places: Places | None = None  # the max_in_flight bound on handed-on calls
+        # The current actor's method for a handed-on call, per number of items.
+        self._group_methods: dict[int, Any] = {}
         self._unreported = Unreported()
         self._actor: Any = None
         self._generation = 0  # which actor this is; failures of an older one are old news
@@ -105,6 +107,17 @@ class RayReplica(Replica):
             # Its one lane only submits: the places bound the calls outstanding.
             self._places = Places(self.backend, self.options.max_in_flight)
             self.in_flight = 1
+        node = self.node
+        if (
+            not self.compiled
+            and (self.hand_on or not self.pass_refs)
+            and node.kind not in ("shard", "merge")
+            and node.info.mode == "function"
+            and node.batch is None
+            and node.timeout is None  # (a deadline is each item's own)
+        ):
+            # Items queued here may share calls (see runtime/_coalesce).
+            self.coalesce = self.options.coalesce
         await self._spawn()
 
     async def _spawn(self) -> None:
@@ -126,6 +139,7 @@ class RayReplica(Replica):
             .remote(self.node, self.threads)
         )
         self._actor = actor
+        self._group_methods = {}
         try:
             with anyio.move_on_after(opts.start_timeout) as waited:
                 await self._value(actor.setup.remote())
@@ -245,9 +259,10 @@ class RayReplica(Replica):
         confirm(inputs)
         return list(refs[1:])
 
-    async def _hand_on(self, method: str, inputs: list[Any], *args: Any) -> HandedCall:
-        """Submit a call whose output goes on as a :class:`RayRef` at once, once one of
-        the replica's places is free (see _ray_handed)."""
+    async def submit_group(self, values: list[Any], kw: dict[str, Any]) -> list[Handed]:
+        """Submit one call computing every one of ``values`` (same parameters ``kw``),
+        once one of the replica's places is free; each output goes on as a
+        :class:`RayRef` at once (see _ray_handed and runtime/_coalesce)."""
         places = self._places
         assert places is not None, "hand_on is set before start()"
         await places.take()
@@ -256,14 +271,74 @@ class RayReplica(Replica):
         except BaseException:
             places.give_back()
             raise
-        status, ref = getattr(actor, method).remote(*args)  # declared num_returns=2
-        out = RayRef(ref, self.node.name)
-        call = HandedCall(
-            out, status, places, self._unreported, lambda exc: self._failure(generation, exc)
-        )
-        out.calls = handed_calls(inputs, call)
-        places.held_by(call)
-        return call
+        n = len(values)
+        method = self._group_methods.get(n)
+        if method is None:
+            # One wrapper per size and actor: ``.options()`` per call costs more than
+            # the rest of submitting.
+            method = actor.call_group.options(num_returns=n + 1)
+            self._group_methods[n] = method
+        refs = method.remote(kw, *map(arg, values))
+        group = Group(refs[0], places, n)
+        name = self.node.name
+
+        def failure(exc: BaseException) -> BaseException:
+            return self._failure(generation, exc)
+
+        calls: list[Handed] = []
+        for i, value in enumerate(values):
+            out = RayRef(refs[i + 1], name)
+            call = HandedCall(out, group, i, self._unreported, failure)
+            out.calls = handed_calls([value], call)
+            calls.append(call)
+        places.held_by(group)
+        return calls
+
+    async def call_many(self, values: list[Any], kw: dict[str, Any]) -> list[tuple[float, Any]]:
+        """One call computing every one of ``values``, all outputs in its reply: per
+        item, ``(the body's seconds, its output)``, or ``(0.0, the exception it fails
+        with)`` -- :class:`UpstreamFailed` where its input had failed upstream."""
+        actor, generation = await self._live()
+        try:
+            status, *outs = await value_of(
+                self.backend, actor.call_group.remote(kw, *map(arg, values))
+            )
+        except Exception as exc:  # the call as a whole (its actor died, an input's did)
+            why: BaseException = exc
+            if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(
+                exc, ray.exceptions.RayActorError
+            ):
+                why = unwrap(exc)
+            return [(0.0, self._refused(why, generation, [value])) for value in values]
+        results: list[tuple[float, Any]] = []
+        for value, entry, out in zip(values, status, outs, strict=True):
+            if isinstance(entry, float):
+                confirm([value])
+                results.append((entry, out))
+            elif entry is None:  # its input was a failed item's output
+                refused = InputFailed(f"the input failed at node {out.node!r}")
+                results.append((0.0, self._refused(refused, generation, [value])))
+            else:
+                results.append((0.0, entry.error))
+        return results
+
+    def _refused(self, exc: BaseException, generation: int, inputs: list[Any]) -> BaseException:
+        """What :meth:`_failed` raises for a call that failed with ``exc``."""
+        try:
+            self._failed(exc, generation, inputs)
+        except Exception as failure:
+            return failure
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def group_key(self, value: Any) -> Any:
+        """Items whose values share a key may share a call: the call that computed a
+        value still in flight (a call fails as a whole, so only those of one upstream
+        call go together), None for a value known good."""
+        if type(value) is RayRef and value.calls:
+            call = value.calls[-1]
+            assert isinstance(call, HandedCall)
+            return call.group
+        return None
 
     def report_stats(self) -> None:
         self._unreported.flush()
@@ -275,10 +350,9 @@ class RayReplica(Replica):
             method, args, inputs = "call_parts", (kw, *map(arg, value)), value
         else:
             method, args, inputs = "call", (kw, arg(value)), [value]
-        if self.hand_on:
-            if method == "call" and not kw:
-                return await self._hand_on("call_ref_plain", inputs, args[1])
-            return await self._hand_on(method + "_ref", inputs, *args)
+        if self.hand_on and method == "call":  # (a merge is never handed on)
+            (call,) = await self.submit_group([value], kw)
+            return call
         if self.pass_refs and self.node.kind != "shard":  # a shard's parts are split here
             (ref,) = await self._submit_refs(method + "_ref", 1, inputs, *args)
             return RayRef(ref, self.node.name)
