@@ -372,6 +372,7 @@ async def test_an_actor_the_cluster_cannot_place_fails_start_clearly(ray_cluster
         ({"accelerator_type": 100}, "'accelerator_type' must be a string"),
         ({"node": ""}, "'node' must be a Ray node id"),
         ({"soft": True}, "'soft' only applies together with 'node'"),
+        ({"coalesce": 0}, "'coalesce' must be an int >= 1"),
         ({"node": "ab", "soft": "yes"}, "'soft' must be True or False"),
     ],
 )

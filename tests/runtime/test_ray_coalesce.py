@@ -1,0 +1,215 @@
+"""Ray placement: items queued at a Ray node share actor calls (runtime/_coalesce).
+
+Shares the session's Ray cluster and the :class:`Probe` with test_ray.py.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import dataflow as df
+
+ray = pytest.importorskip("ray", reason="Ray placement needs the ray extra")
+from tests.runtime import test_ray as base  # noqa: E402  (needs ray)
+from tests.runtime.test_ray import FREE, get  # noqa: E402
+
+ray_cluster = base.ray_cluster  # the session's cluster (fixture)
+probe = base.probe  # fixture
+
+pytestmark = pytest.mark.anyio
+
+
+def runner(engine: df.Engine, name: str) -> Any:
+    return engine._scheduler.runners[name]  # type: ignore[union-attr]
+
+
+async def warmed(engine: df.Engine, inputs: list[Any]) -> None:
+    """Run ``inputs`` and report their times: a node shares calls only once it knows
+    how long its body takes."""
+    assert len([y async for y in engine.map(inputs)]) == len(inputs)
+    engine.stats()  # fetches the busy times still to be reported
+
+
+async def queue_behind_a_held_call(
+    engine: df.Engine, probe: Any, first: str, inputs: list[Any], tg: Any
+) -> list[Any]:
+    """Start ``engine.run(x)`` for each of ``inputs`` while node ``first``'s only place
+    is held by a call waiting for the probe's ``release``; returns once they all queue
+    at ``first`` (or as many as its input holds), their results to come in the
+    returned list (in input order)."""
+    results: list[Any] = [None] * len(inputs)
+    head = runner(engine, first)
+    taken = head.inbox.stats.items  # the node's input counts what it took
+
+    async def one(i: int, x: Any) -> None:
+        try:
+            results[i] = await engine.run(x)
+        except df.NodeError as exc:
+            results[i] = exc
+
+    tg.start_soon(one, 0, inputs[0])
+    await get(probe.wait.remote("held"))  # the first is in the actor, holding its place
+    for i, x in enumerate(inputs[1:], 1):
+        tg.start_soon(one, i, x)
+    # Some are taken (they wait for a place); the others wait in the node's input,
+    # until it is full (the rest wait to be sent).
+    inbox = head.inbox
+    while len(inbox) < inbox.capacity and inbox.stats.items - taken + len(inbox) < len(inputs):
+        await anyio.lowlevel.checkpoint()
+    return results
+
+
+def held(probe: Any, body: Any) -> Any:
+    """``body``, except that the input "hold" waits in the actor for the probe."""
+
+    def f(x: Any) -> Any:
+        if x == "hold":
+            ray.get(probe.set.remote("held"))
+            ray.get(probe.wait.remote("release"))
+            return -1
+        return body(x)
+
+    f.__name__ = body.__name__
+    return f
+
+
+async def test_items_waiting_at_a_ray_chain_share_calls_and_fail_alone(probe: Any) -> None:
+    def first(x: int) -> int:
+        if x % 3 == 0:
+            raise ValueError(f"no multiples of 3: {x}")
+        return x
+
+    def second(x: int) -> int:
+        assert isinstance(x, int), f"got {x!r}"  # a failed item never reaches the body
+        return x + 1
+
+    def last(x: int) -> int:
+        return x * 10
+
+    opts = {**FREE, "max_in_flight": 1}
+    chain = (
+        df.map(held(probe, first), name="first", placement="ray", options=opts)
+        >> df.map(second, name="second", placement="ray", options=opts)
+        >> df.map(last, name="last", placement="ray", options=opts)
+    )
+    async with df.Engine(df.Graph("shared", chain)) as engine:
+        await warmed(engine, [1, 2, 4, 5])
+        inputs: list[Any] = ["hold", *range(1, 31)]
+        async with anyio.create_task_group() as tg:
+            results = await queue_behind_a_held_call(engine, probe, "first", inputs, tg)
+            await get(probe.set.remote("release"))
+        for x, result in zip(inputs[1:], results[1:], strict=True):
+            if x % 3:
+                assert result == (x + 1) * 10, x
+            else:  # failed where it raised, alone, with the body's own error
+                assert isinstance(result, df.NodeError) and result.node == "first", x
+                assert isinstance(result.__cause__, ValueError), x
+        # The 16 items waiting in first's input when the held call ended went in one
+        # call (at most 16 each), the rest shared too; so on through the chain, failed
+        # items included (how the next nodes' calls split depends on timing).
+        shared = {
+            name: {k: n for k, n in runner(engine, name).stats.batch_sizes.items() if k > 1}
+            for name in ("first", "second", "last")
+        }
+        assert max(shared["first"]) == 16
+        assert sum(k * n for k, n in shared["first"].items()) == 29
+        assert shared["second"] and shared["last"]
+        stats = engine.stats()["nodes"]
+        assert stats["first"]["failed"] == 10 and stats["second"]["failed"] == 0
+        assert stats["last"]["failed"] == 0
+
+
+async def test_one_request_ending_does_not_cancel_a_call_another_one_shares(
+    probe: Any,
+) -> None:
+    def echo(x: Any) -> Any:
+        return x
+
+    # Two lanes: one waits for the held call, the other takes b and c together.
+    opts = {**FREE, "max_in_flight": 2}
+    node = df.map(held(probe, echo), name="echo", placement="ray", options=opts)
+    async with df.Engine(df.Graph("cancel-one", node)) as engine:
+        await warmed(engine, [1, 2])
+        taken = runner(engine, "echo").inbox.stats.items
+        async with anyio.create_task_group() as tg:
+            results: list[Any] = []
+
+            async def one(x: Any, deadline: float | None = None) -> None:
+                try:
+                    results.append(await engine.run(x, timeout=deadline))
+                except TimeoutError:
+                    results.append("timed out")
+
+            tg.start_soon(one, "hold")
+            await get(probe.wait.remote("held"))
+            tg.start_soon(one, "b", 0.2)  # it ends while its call waits in the actor
+            tg.start_soon(one, "c")
+            echo_runner = runner(engine, "echo")
+            while echo_runner.inbox.stats.items < taken + 3 or len(echo_runner.inbox):
+                await anyio.lowlevel.checkpoint()  # b and c were taken, in one call
+            while "timed out" not in results:
+                await anyio.lowlevel.checkpoint()
+            await get(probe.set.remote("release"))
+        assert sorted(map(str, results)) == ["-1", "c", "timed out"]
+        assert runner(engine, "echo").stats.batch_sizes[2] == 1
+
+
+def test_a_handed_on_call_is_cancelled_once_none_of_its_requests_wants_it(
+    ray_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataflow.runtime import _request
+    from dataflow.runtime._backend import Backend
+    from dataflow.runtime.executors import _ray_handed
+    from dataflow.runtime.executors._ray_handed import Group, HandedCall, Places, Unreported
+    from dataflow.runtime.executors._ray_refs import RayRef
+
+    cancelled: list[Any] = []
+    monkeypatch.setattr(_ray_handed, "cancel", cancelled.append)
+    backend = Backend()
+    status = object()  # never looked at: the call only gets cancelled, or not
+    group = Group(status, Places(backend, 1), 2)
+    requests = [_request.Request(i, backend, {}, lambda req: None) for i in range(2)]
+    for slot, req in enumerate(requests):
+        call = HandedCall(RayRef(None, "n"), group, slot, Unreported(), lambda exc: exc)
+        call.adopt(req, lambda outcome, at: None)
+    requests[0].finish(_request.FAILED, RuntimeError("cancelled"))
+    assert cancelled == []  # the other request still wants the call's other output
+    assert group.holds  # ... and the call its place
+    requests[1].finish(_request.FAILED, RuntimeError("cancelled"))
+    assert cancelled == [status] and not group.holds
+
+
+async def test_a_slow_body_goes_one_item_per_call() -> None:
+    from dataflow.runtime._coalesce import group_limit
+
+    class Runner:
+        def __init__(self, *times: float) -> None:
+            self.stats = type("S", (), {"service": deque(times)})()
+
+    assert group_limit(Runner(), 16) == 1  # nothing known yet
+    assert group_limit(Runner(1e-6), 16) == 16  # a quick body: as many as allowed
+    assert group_limit(Runner(1e-6), 1) == 1  # coalesce=1
+    assert group_limit(Runner(0.0005), 16) == 4  # ~2 ms of body per call
+    assert group_limit(Runner(0.05), 16) == 1  # a slow body: one per call
+    assert group_limit(Runner(*[1e-6] * 7, 0.05), 16) == 1  # a slow one of the last few
+    assert group_limit(Runner(0.05, *[1e-6] * 8), 16) == 16  # ... but not an old one
+
+
+async def test_coalesce_1_sends_every_item_in_a_call_of_its_own(probe: Any) -> None:
+    def echo(x: Any) -> Any:
+        return x
+
+    opts = {**FREE, "max_in_flight": 1, "coalesce": 1}
+    node = df.map(held(probe, echo), name="echo", placement="ray", options=opts)
+    async with df.Engine(df.Graph("one-per-call", node)) as engine:
+        await warmed(engine, [1, 2])
+        async with anyio.create_task_group() as tg:
+            results = await queue_behind_a_held_call(engine, probe, "echo", ["hold", 1, 2, 3], tg)
+            await get(probe.set.remote("release"))
+        assert results == [-1, 1, 2, 3]
+        assert not runner(engine, "echo").stats.batch_sizes  # no call carried several
