@@ -5,12 +5,14 @@ In one run, on one local Ray instance (2 CPUs, no dashboard):
 1. Per-item cost per hop of a 3-stage pass-through chain of ray-placed nodes, against a
    plain Ray actor chain (ObjectRefs passed actor to actor) and a Ray Compiled Graph of
    the same shape; each as latency (one item at a time) and throughput (many in flight);
-   dataflow both with actor calls (refs passed actor to actor) and with
-   ``options={"compiled": True}``. Each figure is the median of ``--repeats`` runs, all
-   in the same process, every chain run once per repeat in turn (so the machine's noise
-   falls on all alike), and the ratios (dataflow / Ray) go under keys containing
-   ``ratio``: dataflow's best ``max_in_flight`` against the plain chain (which keeps
-   every item in flight at once), compiled dataflow against the Compiled Graph.
+   dataflow both with actor calls (refs passed actor to actor; items waiting at a node
+   share calls, ``coalesce``) and with ``options={"compiled": True}``, and once with
+   ``coalesce=1`` (every item in a call of its own). Each figure is the median of
+   ``--repeats`` runs, all in the same process, every chain run once per repeat in turn
+   (so the machine's noise falls on all alike), and the ratios (dataflow / Ray) go
+   under keys containing ``ratio``: dataflow's best ``max_in_flight`` against the plain
+   chain (which keeps every item in flight at once), compiled dataflow against the
+   Compiled Graph.
 2. Throughput of a CPU-bound node with 1 and with 2 actors (``num_cpus=1`` each).
 
 Prints tables and writes benchmarks/results/ray_scale.json.
@@ -35,6 +37,7 @@ import dataflow as df
 STAGES = 3
 IN_FLIGHT = (1, 4, 16, 64)  # max_in_flight settings of dataflow's actor-call chains
 WINDOW = IN_FLIGHT[-1]  # ... the largest, also given to a plain chain, for comparison
+ONE_PER_CALL = "dataflow asyncio, coalesce=1, max_in_flight"
 FREE = {"num_cpus": 0}  # the overhead chains reserve no CPU: only the scaling part does
 
 
@@ -56,8 +59,8 @@ def burn(n: int) -> int:
 
 
 # -- 1. overhead ---------------------------------------------------------------------------
-def chain_graph(max_in_flight: int, compiled: bool = False) -> df.Graph:
-    opts = {**FREE, "max_in_flight": max_in_flight, "compiled": compiled}
+def chain_graph(max_in_flight: int, compiled: bool = False, coalesce: int = 16) -> df.Graph:
+    opts = {**FREE, "max_in_flight": max_in_flight, "compiled": compiled, "coalesce": coalesce}
     nodes = [
         df.map(passthrough, name=f"s{i}", placement="ray", options=opts) for i in range(STAGES)
     ]
@@ -65,10 +68,10 @@ def chain_graph(max_in_flight: int, compiled: bool = False) -> df.Graph:
 
 
 async def engine_chain(
-    items: int, latency_items: int, max_in_flight: int, compiled: bool = False
+    items: int, latency_items: int, max_in_flight: int, compiled: bool = False, coalesce: int = 16
 ) -> tuple[float, float]:
     """(latency s/item, throughput s/item) of the engine over ray-placed nodes."""
-    async with df.Engine(chain_graph(max_in_flight, compiled)) as engine:
+    async with df.Engine(chain_graph(max_in_flight, compiled, coalesce)) as engine:
         await engine.run(0)  # warm: actors up, code paths hot
         start = time.perf_counter()
         for i in range(latency_items):
@@ -206,8 +209,10 @@ def main() -> None:
         rows.append([name, f"{latency * us:.0f}", f"{throughput * us:.0f}"])
         return figures
 
-    def engine(backend: str, k: int, compiled: bool = False) -> tuple[float, float]:
-        return anyio.run(engine_chain, n, lat_n, k, compiled, backend=backend)
+    def engine(
+        backend: str, k: int, compiled: bool = False, coalesce: int = 16
+    ) -> tuple[float, float]:
+        return anyio.run(engine_chain, n, lat_n, k, compiled, coalesce, backend=backend)
 
     # Every repeat runs each chain once, in turn, so that the machine's moods (a shared
     # 2-core box swings by a third between runs) fall on all of them alike.
@@ -224,6 +229,8 @@ def main() -> None:
         chains.append(
             (f"dataflow {backend}, compiled, max_in_flight=4", lambda b=backend: engine(b, 4, True))
         )
+    # Without coalescing (every item in an actor call of its own), for comparison.
+    chains.append((f"{ONE_PER_CALL}={WINDOW}", lambda: engine("asyncio", WINDOW, coalesce=1)))
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in chains}
     unavailable: dict[str, str] = {}
     for _ in range(reps):
@@ -269,6 +276,9 @@ def main() -> None:
         "latency_ratio_vs_plain_chain": min(lt for lt, _ in calls) / plain[0],
         # the same number of items in flight on both sides
         "throughput_ratio_vs_plain_chain_same_window": best[f"max_in_flight={WINDOW}"][1]
+        / windowed[1],
+        # ... and so without coalescing (coalesce=1)
+        "throughput_ratio_vs_plain_chain_one_item_per_call": figures[f"{ONE_PER_CALL}={WINDOW}"][1]
         / windowed[1],
     }
     if compiled is not None:

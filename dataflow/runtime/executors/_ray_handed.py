@@ -15,6 +15,13 @@ the hop -- so its outcome is learnt where a value that depends on it is waited f
   (:class:`~._base.UpstreamFailed`);
 - the request ended first: the calls it still owns are cancelled in Ray.
 
+One actor call may carry several queued items (runtime/_coalesce): a :class:`Group`,
+one output ref per item (each item's own :class:`HandedCall`) and one status list for
+all, read per item. An item whose body raised travels on as a ``Raised`` output: the
+next actors skip it (their status marks it skipped, never failed), so only the node
+where it raised is blamed. A group is cancelled in Ray only once every item's request
+ended, and holds its place until the call is seen to end.
+
 A call holds one of its replica's ``max_in_flight`` places (:class:`Places`), the
 bound on calls outstanding per actor, until it is seen to end or -- when the replica
 needs the place -- seen to have finished in Ray (or a merge waiting for more of a
