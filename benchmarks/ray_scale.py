@@ -59,8 +59,12 @@ def burn(n: int) -> int:
 
 
 # -- 1. overhead ---------------------------------------------------------------------------
-def chain_graph(max_in_flight: int, compiled: bool = False, coalesce: int = 16) -> df.Graph:
-    opts = {**FREE, "max_in_flight": max_in_flight, "compiled": compiled, "coalesce": coalesce}
+def chain_graph(
+    max_in_flight: int, compiled: bool = False, coalesce: int | None = None
+) -> df.Graph:
+    opts: dict[str, Any] = {**FREE, "max_in_flight": max_in_flight, "compiled": compiled}
+    if coalesce is not None:  # else the option's default
+        opts["coalesce"] = coalesce
     nodes = [
         df.map(passthrough, name=f"s{i}", placement="ray", options=opts) for i in range(STAGES)
     ]
@@ -68,7 +72,11 @@ def chain_graph(max_in_flight: int, compiled: bool = False, coalesce: int = 16) 
 
 
 async def engine_chain(
-    items: int, latency_items: int, max_in_flight: int, compiled: bool = False, coalesce: int = 16
+    items: int,
+    latency_items: int,
+    max_in_flight: int,
+    compiled: bool = False,
+    coalesce: int | None = None,
 ) -> tuple[float, float]:
     """(latency s/item, throughput s/item) of the engine over ray-placed nodes."""
     async with df.Engine(chain_graph(max_in_flight, compiled, coalesce)) as engine:
@@ -210,7 +218,7 @@ def main() -> None:
         return figures
 
     def engine(
-        backend: str, k: int, compiled: bool = False, coalesce: int = 16
+        backend: str, k: int, compiled: bool = False, coalesce: int | None = None
     ) -> tuple[float, float]:
         return anyio.run(engine_chain, n, lat_n, k, compiled, coalesce, backend=backend)
 

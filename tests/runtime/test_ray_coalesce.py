@@ -184,7 +184,7 @@ def test_a_handed_on_call_is_cancelled_once_none_of_its_requests_wants_it(
     assert cancelled == [status] and not group.holds
 
 
-async def test_a_slow_body_goes_one_item_per_call() -> None:
+def test_a_slow_body_goes_one_item_per_call() -> None:
     from dataflow.runtime._coalesce import group_limit
 
     class Runner:
