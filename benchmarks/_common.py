@@ -56,6 +56,38 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine's CPUs since boot (Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # idle + iowait
+
+
+def settle(busy: float = 0.25, window_s: float = 0.5, limit_s: float = 30.0) -> float:
+    """Wait until the machine's CPUs were less than ``busy`` busy over ``window_s``
+    (at most ``limit_s``); returns the last share measured.
+
+    Setting a benchmark up can leave work running in other processes -- Ray starts
+    worker processes for new actors and again after killed ones -- which would fall on
+    whatever is timed first. A Ray Compiled Graph's actors poll and keep the CPUs busy
+    while it exists: then this waits the whole ``limit_s``, time enough for those
+    processes to be up. Where /proc/stat is missing it returns at once (0.0)."""
+    try:
+        _cpu_times()
+    except OSError:
+        return 0.0
+    end = time.monotonic() + limit_s
+    share = 1.0
+    while time.monotonic() < end:
+        total0, idle0 = _cpu_times()
+        time.sleep(window_s)
+        total1, idle1 = _cpu_times()
+        share = 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+        if share < busy:
+            break
+    return share
+
+
 def pct(xs: list[float], q: float) -> float:
     """The ``q``-quantile of ``xs`` by nearest rank (NaN when empty)."""
     if not xs:

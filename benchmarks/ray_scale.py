@@ -7,12 +7,16 @@ In one run, on one local Ray instance (2 CPUs, no dashboard):
    the same shape; each as latency (one item at a time) and throughput (many in flight);
    dataflow both with actor calls (refs passed actor to actor; items waiting at a node
    share calls, ``coalesce``) and with ``options={"compiled": True}``, and once with
-   ``coalesce=1`` (every item in a call of its own). Each figure is the median of
-   ``--repeats`` runs, all in the same process, every chain run once per repeat in turn
-   (so the machine's noise falls on all alike), and the ratios (dataflow / Ray) go
-   under keys containing ``ratio``: dataflow's best ``max_in_flight`` against the plain
-   chain (which keeps every item in flight at once), compiled dataflow against the
-   Compiled Graph.
+   ``coalesce=1`` (every item in a call of its own). Both Ray chains also run driven
+   from asyncio (each result awaited on the loop, as an engine on a loop has to): the
+   floor under anything asyncio-based. Each figure is the median of ``--repeats`` runs,
+   all in the same process, every chain run once per repeat in turn (so the machine's
+   noise falls on all alike), each timed once the machine is quiet after its set-up
+   (Ray starts worker processes for new actors: ``settle``), and the ratios
+   (dataflow / Ray) go under keys containing ``ratio``: dataflow's best
+   ``max_in_flight`` against the plain chain (which keeps every item in flight at
+   once), compiled dataflow against the Compiled Graph, and both against Ray awaited
+   on asyncio (``..._awaited_on_asyncio``).
 2. Throughput of a CPU-bound node with 1 and with 2 actors (``num_cpus=1`` each).
 
 Prints tables and writes benchmarks/results/ray_scale.json.
@@ -30,7 +34,7 @@ from typing import Any
 
 import anyio
 import ray
-from _common import table, write_result
+from _common import settle, table, write_result
 
 import dataflow as df
 
@@ -38,6 +42,8 @@ STAGES = 3
 IN_FLIGHT = (1, 4, 16, 64)  # max_in_flight settings of dataflow's actor-call chains
 WINDOW = IN_FLIGHT[-1]  # ... the largest, also given to a plain chain, for comparison
 ONE_PER_CALL = "dataflow asyncio, coalesce=1, max_in_flight"
+AWAITED_PLAIN = f"plain actor chain awaited on asyncio, {WINDOW} in flight"
+AWAITED_COMPILED = "compiled graph awaited on asyncio (4 in flight)"
 FREE = {"num_cpus": 0}  # the overhead chains reserve no CPU: only the scaling part does
 
 
@@ -81,6 +87,7 @@ async def engine_chain(
     """(latency s/item, throughput s/item) of the engine over ray-placed nodes."""
     async with df.Engine(chain_graph(max_in_flight, compiled, coalesce)) as engine:
         await engine.run(0)  # warm: actors up, code paths hot
+        await anyio.to_thread.run_sync(settle)  # Ray's worker processes started
         start = time.perf_counter()
         for i in range(latency_items):
             await engine.run(i)
@@ -107,6 +114,7 @@ def plain_chain(items: int, latency_items: int, window: int | None = None) -> tu
         return ref
 
     ray.get(submit(0))
+    settle()
     start = time.perf_counter()
     for i in range(latency_items):
         ray.get(submit(i))
@@ -127,8 +135,39 @@ def plain_chain(items: int, latency_items: int, window: int | None = None) -> tu
     return latency, throughput
 
 
-def compiled_chain(items: int, latency_items: int, window: int) -> tuple[float, float]:
-    """The same as a Ray Compiled Graph (``window`` executions in flight)."""
+async def plain_chain_awaited(items: int, latency_items: int) -> tuple[float, float]:
+    """The plain chain as an asyncio program drives it: each item's last ref awaited on
+    the loop (Ray's own ``await ref``), at most ``WINDOW`` items in flight -- what any
+    asyncio caller of Ray pays, before an engine adds anything."""
+    actors = [ray.remote(num_cpus=0)(Stage).remote() for _ in range(STAGES)]
+
+    def submit(x: Any) -> Any:
+        ref = x
+        for actor in actors:
+            ref = actor.f.remote(ref)
+        return ref
+
+    await submit(0)
+    await anyio.to_thread.run_sync(settle)
+    start = time.perf_counter()
+    for i in range(latency_items):
+        await submit(i)
+    latency = (time.perf_counter() - start) / latency_items
+    start = time.perf_counter()
+    pending: list[Any] = []
+    for i in range(items):
+        if len(pending) == WINDOW:
+            await pending.pop(0)
+        pending.append(submit(i))
+    for ref in pending:
+        await ref
+    throughput = (time.perf_counter() - start) / items
+    for actor in actors:
+        ray.kill(actor)
+    return latency, throughput
+
+
+def _compiled_dag(enable_asyncio: bool, window: int) -> tuple[list[Any], Any]:
     from ray.dag import InputNode
 
     actors = [ray.remote(num_cpus=0)(Stage).remote() for _ in range(STAGES)]
@@ -136,9 +175,50 @@ def compiled_chain(items: int, latency_items: int, window: int) -> tuple[float, 
         node: Any = inp
         for actor in actors:
             node = actor.f.bind(node)
-    dag = node.experimental_compile(_max_inflight_executions=window)
+    return actors, node.experimental_compile(
+        _max_inflight_executions=window, enable_asyncio=enable_asyncio
+    )
+
+
+def _release(actors: list[Any], dag: Any) -> None:
+    dag.teardown()
+    for actor in actors:
+        ray.kill(actor)
+
+
+async def compiled_chain_awaited(
+    items: int, latency_items: int, window: int
+) -> tuple[float, float]:
+    """The Compiled Graph as an asyncio program drives it (``enable_asyncio=True``,
+    ``await dag.execute_async(x)``): Ray's own way to await a graph on a loop."""
+    actors, dag = _compiled_dag(True, window)
+    try:
+        await (await dag.execute_async(0))
+        await anyio.to_thread.run_sync(settle)
+        start = time.perf_counter()
+        for i in range(latency_items):
+            await (await dag.execute_async(i))
+        latency = (time.perf_counter() - start) / latency_items
+        start = time.perf_counter()
+        pending: list[Any] = []
+        for i in range(items):
+            if len(pending) == window:
+                await pending.pop(0)
+            pending.append(await dag.execute_async(i))
+        for fut in pending:
+            await fut
+        throughput = (time.perf_counter() - start) / items
+    finally:
+        _release(actors, dag)
+    return latency, throughput
+
+
+def compiled_chain(items: int, latency_items: int, window: int) -> tuple[float, float]:
+    """The same as a Ray Compiled Graph (``window`` executions in flight)."""
+    actors, dag = _compiled_dag(False, window)
     try:
         ray.get(dag.execute(0))
+        settle()
         start = time.perf_counter()
         for i in range(latency_items):
             ray.get(dag.execute(i))
@@ -153,9 +233,7 @@ def compiled_chain(items: int, latency_items: int, window: int) -> tuple[float, 
             ray.get(ref)
         throughput = (time.perf_counter() - start) / items
     finally:
-        dag.teardown()
-        for actor in actors:
-            ray.kill(actor)
+        _release(actors, dag)
     return latency, throughput
 
 
@@ -167,6 +245,7 @@ async def cpu_bound(actors: int, items: int, work: int) -> float:
     )
     async with df.Engine(df.Graph("cpu", node)) as engine:
         await engine.run(work)
+        await anyio.to_thread.run_sync(settle)
         start = time.perf_counter()
         async for _ in engine.map([work] * items):
             pass
@@ -177,6 +256,7 @@ def plain_actors(actors: int, items: int, work: int) -> float:
     """Items per second of plain Ray actors (round robin, all submitted at once)."""
     pool = [ray.remote(num_cpus=1)(Burner).remote() for _ in range(actors)]
     ray.get([a.f.remote(1) for a in pool])
+    settle()
     start = time.perf_counter()
     ray.get([pool[i % actors].f.remote(work) for i in range(items)])
     rate = items / (time.perf_counter() - start)
@@ -228,6 +308,9 @@ def main() -> None:
         ("plain actor chain", lambda: plain_chain(n, lat_n)),
         (f"plain actor chain, {WINDOW} in flight", lambda: plain_chain(n, lat_n, WINDOW)),
         ("compiled graph (4 in flight)", lambda: compiled_chain(n, lat_n, 4)),
+        # Ray driven from asyncio, the way an engine on a loop has to wait for it.
+        (AWAITED_PLAIN, lambda: anyio.run(plain_chain_awaited, n, lat_n)),
+        (AWAITED_COMPILED, lambda: anyio.run(compiled_chain_awaited, n, lat_n, 4)),
     ]
     for backend in ("asyncio", "trio"):
         for k in IN_FLIGHT:
@@ -289,6 +372,16 @@ def main() -> None:
         "throughput_ratio_vs_plain_chain_one_item_per_call": figures[f"{ONE_PER_CALL}={WINDOW}"][1]
         / windowed[1],
     }
+    # Against Ray driven from asyncio (each result awaited on the loop, as an engine on
+    # a loop must wait): what the engine itself adds.
+    awaited = figures[AWAITED_PLAIN]
+    ratios["latency_ratio_vs_plain_chain_awaited_on_asyncio"] = (
+        min(lt for lt, _ in calls) / awaited[0]
+    )
+    ratios["throughput_ratio_vs_plain_chain_awaited_on_asyncio"] = (
+        best[f"max_in_flight={WINDOW}"][1] / awaited[1]
+    )
+    compiled_awaited = figures.get(AWAITED_COMPILED)
     if compiled is not None:
         for backend in ("asyncio", "trio"):
             if f"compiled {backend}" not in best:
@@ -296,6 +389,10 @@ def main() -> None:
             lt, t = best[f"compiled {backend}"]
             ratios[f"compiled_{backend}_throughput_ratio_vs_ray_compiled"] = t / compiled[1]
             ratios[f"compiled_{backend}_latency_ratio_vs_ray_compiled"] = lt / compiled[0]
+            if compiled_awaited is not None:
+                on_loop = f"compiled_{backend}_{{}}_ratio_vs_ray_compiled_awaited_on_asyncio"
+                ratios[on_loop.format("throughput")] = t / compiled_awaited[1]
+                ratios[on_loop.format("latency")] = lt / compiled_awaited[0]
     results["ratios"] = ratios
     print(table(["ratio", "value"], [[k, f"{v:.2f}x"] for k, v in ratios.items()]))
 
