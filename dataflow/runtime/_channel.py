@@ -171,6 +171,16 @@ class Channel(Generic[T]):
                     break
         return items
 
+    def unget(self, items: list[T]) -> None:
+        """Put ``items`` -- the last ones :meth:`take` gave, in order -- back in front,
+        to be taken first next time (by any receiver: a waiting one is woken)."""
+        if not items or self.broken:
+            return
+        self._buf.extendleft(reversed(items))
+        self.stats.items -= len(items)
+        if self._recv_waiters:
+            self.backend.wake(self._recv_waiters)
+
     async def wait_readable(self) -> bool:
         """Wait until an item is there or the channel ended; False at the end."""
         while not self._buf:

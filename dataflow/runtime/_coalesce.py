@@ -17,9 +17,14 @@ executors/_ray_handed), or brings them all back in one reply. Items share a call
 - with the same parameters, and with inputs from the same upstream call (Ray runs or
   fails a call as a whole: inputs that might fail apart never go in one call).
 
-Nothing waits to fill a call: a lone item goes at once. A call carrying several items
-is cancelled where it runs once every one of their requests ended (one that ended before
-only loses its output).
+Nothing waits to fill a call: a lone item goes at once. But a take that ends in part of
+an upstream call's items, after others, leaves that part in the input (:func:`aligned`):
+the next take starts with it and finds the rest of that call's items too, so calls line
+up with the calls upstream instead of splitting each in two (the input holds as many
+items as one call may carry, so one call's outputs often straddle two takes).
+
+A call carrying several items is cancelled where it runs once every one of their
+requests ended (one that ended before only loses its output).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ if TYPE_CHECKING:
     from ._ordering import _Slot
     from ._worker import NodeRunner
 
-__all__ = ["group_limit", "run_coalesced"]
+__all__ = ["aligned", "group_limit", "run_coalesced"]
 
 _BUDGET_S = 0.002  # the most body time per shared call, by the node's recent times
 
@@ -53,9 +58,31 @@ def group_limit(runner: NodeRunner, most: int) -> int:
     return max(1, min(most, int(_BUDGET_S / recent)))
 
 
+def aligned(runner: NodeRunner, index: int, items: list[Item]) -> list[Item]:
+    """``items`` (just taken from the input, in order) less a trailing part of one
+    upstream call's items that follows other items: that part goes back in front of the
+    input, for the next take. Nothing waits: the next take comes as soon as these
+    items are sent, and a take of one call's items alone goes as it is."""
+    replica = runner.replica_objs[index]
+    key = replica.group_key
+    last = key(items[-1].value)
+    if last is None:
+        return items
+    start = len(items) - 1
+    while start > 0 and key(items[start - 1].value) is last:
+        start -= 1
+    if start == 0 or len(items) - start >= replica.group_size(last):
+        return items  # one call's items alone, or all of them
+    runner.inbox.unget(items[start:])
+    return items[:start]
+
+
 async def run_coalesced(runner: NodeRunner, index: int, items: list[Item]) -> None:
     """Send ``items`` (taken from the input at once, in order) to replica ``index`` in as
-    few calls as the rules allow, and each output on."""
+    few calls as the rules allow, and each output on; a trailing part of an upstream
+    call's items may go back to the input instead (:func:`aligned`)."""
+    if len(items) > 1:
+        items = aligned(runner, index, items)
     replica = runner.replica_objs[index]
     ordered = runner._ordered
     # Slots in input order now, before another lane takes later items.

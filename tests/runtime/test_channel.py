@@ -34,6 +34,27 @@ async def test_take_is_fifo_and_bounded_by_limit() -> None:
     assert ch.take(10) == []
 
 
+async def test_unget_puts_taken_items_back_in_front_and_wakes_a_receiver() -> None:
+    ch = _channel(5)
+    for i in range(5):
+        ch.put_nowait(i)
+    taken = ch.take(4)
+    ch.unget(taken[2:])  # the last two taken go back, before what is still there
+    assert ch.stats.items == 2
+    got: list[int] = []
+
+    async def receiver() -> None:
+        await ch.wait_readable()
+        got.extend(ch.take(10))
+
+    assert ch.take(10) == [2, 3, 4]  # empty now: the receiver parks
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        await wait_all_tasks_blocked()
+        ch.unget([7, 8])
+    assert got == [7, 8]
+
+
 async def test_send_waits_for_room_and_resumes_when_taken() -> None:
     ch = _channel(1)
     ch.put_nowait(0)

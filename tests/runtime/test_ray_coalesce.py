@@ -64,13 +64,14 @@ async def queue_behind_a_held_call(
     return results
 
 
-def held(probe: Any, body: Any) -> Any:
-    """``body``, except that the input "hold" waits in the actor for the probe."""
+def held(probe: Any, body: Any, key: str = "hold", prefix: str = "") -> Any:
+    """``body``, except that the input ``key`` waits in the actor for the probe (it sets
+    ``prefix + "held"`` and waits for ``prefix + "release"``), then gives -1."""
 
     def f(x: Any) -> Any:
-        if x == "hold":
-            ray.get(probe.set.remote("held"))
-            ray.get(probe.wait.remote("release"))
+        if x == key:
+            ray.get(probe.set.remote(prefix + "held"))
+            ray.get(probe.wait.remote(prefix + "release"))
             return -1
         return body(x)
 
@@ -198,6 +199,107 @@ def test_a_slow_body_goes_one_item_per_call() -> None:
     assert group_limit(Runner(0.05), 16) == 1  # a slow body: one per call
     assert group_limit(Runner(*[1e-6] * 7, 0.05), 16) == 1  # a slow one of the last few
     assert group_limit(Runner(0.05, *[1e-6] * 8), 16) == 16  # ... but not an old one
+
+
+def test_a_take_leaves_a_trailing_part_of_an_upstream_call_for_the_next() -> None:
+    from types import SimpleNamespace
+
+    from dataflow.runtime._backend import Backend
+    from dataflow.runtime._channel import Channel
+    from dataflow.runtime._coalesce import aligned
+
+    a, b = object(), object()  # two upstream calls, of 3 and 4 items
+
+    class Replica:
+        def group_key(self, value: Any) -> Any:
+            return value[0]
+
+        def group_size(self, key: Any) -> int:
+            return {id(a): 3, id(b): 4}[id(key)]
+
+    inbox: Channel[Any] = Channel(Backend(), 16)
+    runner = SimpleNamespace(replica_objs=[Replica()], inbox=inbox)
+
+    def items(*values: Any) -> list[Any]:
+        return [SimpleNamespace(value=v) for v in values]
+
+    def aligned_values(*values: Any) -> list[Any]:
+        return [it.value for it in aligned(runner, 0, items(*values))]  # type: ignore[arg-type]
+
+    a3 = [(a, i) for i in range(3)]
+    inbox.put_nowait("next")
+    # b's first two follow a's items: they go back in front, for the next take.
+    assert aligned_values(*a3, (b, 0), (b, 1)) == a3
+    assert [getattr(it, "value", it) for it in inbox.take(16)] == [(b, 0), (b, 1), "next"]
+    # A take of one call's items alone goes as it is, as does one ending in all of a call.
+    assert aligned_values((b, 2), (b, 3)) == [(b, 2), (b, 3)]
+    assert aligned_values((a, 2), *[(b, i) for i in range(4)]) == [(a, 2)] + [
+        (b, i) for i in range(4)
+    ]
+    assert aligned_values((b, 0), *a3) == [(b, 0), *a3]
+    assert aligned_values(*a3, (None, 0)) == [*a3, (None, 0)]  # a value known good
+    assert not inbox.take(16)
+
+
+async def test_calls_downstream_line_up_with_the_calls_upstream(probe: Any) -> None:
+    def echo(x: Any) -> Any:
+        return x
+
+    opts = {**FREE, "max_in_flight": 1}
+    chain = (
+        df.map(held(probe, echo, "h1", "h1 "), name="first", placement="ray", options=opts)
+        >> df.map(echo, name="second", placement="ray", options=opts)
+        >> df.map(held(probe, echo, "h3", "h3 "), name="third", placement="ray", options=opts)
+    )
+    async with df.Engine(df.Graph("lined-up", chain)) as engine:
+        await warmed(engine, list(range(20)))
+        first, second, third = (runner(engine, n) for n in ("first", "second", "third"))
+        assert second.inbox.capacity == 16  # (what follows needs less than 3 + 16)
+        taken = second.inbox.stats.items
+        results: dict[Any, Any] = {}
+
+        async def one(x: Any) -> None:
+            results[x] = await engine.run(x)
+
+        async def until(done: Any) -> None:
+            while not done():
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "h3")  # third's only lane waits for it in the actor...
+            await get(probe.wait.remote("h3 held"))
+            for q in range(100, 117):  # ... 16 more fill its input, the 17th (116) is
+                tg.start_soon(one, q)  # computed by second, which waits to send it on
+            await until(lambda: second.inbox.stats.items - taken == 18)
+            tg.start_soon(one, "y")  # so second takes nothing more for now
+            await until(lambda: len(second.inbox) == 1)
+            tg.start_soon(one, "h1")  # first's only place held: 17 items queue there
+            await get(probe.wait.remote("h1 held"))
+            for z in range(17):
+                tg.start_soon(one, z)
+            await until(lambda: len(first.inbox) == 16)  # (the 17th waits for a place)
+            await get(probe.set.remote("h1 release"))
+            # first sends -1 and 0 alone, then 1..16 from one call: 13 of them fill
+            # second's input (after y, -1 and 0), 3 wait to be sent.
+            await until(lambda: len(second.inbox) == second.inbox.capacity)
+            before = dict(second.stats.batch_sizes)
+            await get(probe.set.remote("h3 release"))
+        assert results == {
+            "h3": -1,
+            "y": "y",
+            "h1": -1,
+            **{x: x for x in [*range(100, 117), *range(17)]},
+        }
+        shared = {
+            k: n - before.get(k, 0)
+            for k, n in second.stats.batch_sizes.items()
+            if k > 1 and n > before.get(k, 0)
+        }
+        # second's take of y, -1, 0 and 13 of first's call left the 13 for the next
+        # take, which found the other 3 too: one call of 16, as upstream (not 13 + 3).
+        assert shared == {16: 1}, shared
+        assert first.stats.batch_sizes[16] >= 1
+        assert not third.stats.failed
 
 
 async def test_coalesce_1_sends_every_item_in_a_call_of_its_own(probe: Any) -> None:

@@ -145,6 +145,11 @@ class Replica:
         the same object."""
         return None
 
+    def group_size(self, key: Any) -> int:
+        """How many items share ``key`` (a :meth:`group_key`) in all, wherever they are
+        now; 0 if unknown."""
+        return 0
+
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` where this replica runs and return the result."""
         raise NotImplementedError

@@ -64,11 +64,12 @@ class Group:
     replica, short of places, sees the call finished in Ray.
     """
 
-    __slots__ = ("_places", "holds", "live", "status")
+    __slots__ = ("_places", "holds", "live", "size", "status")
 
     def __init__(self, status: Any, places: Places, size: int) -> None:
         self.status = status
         self._places = places
+        self.size = size  # items in the call
         self.holds = True  # one of the replica's places
         self.live = size  # items not yet seen to end
 

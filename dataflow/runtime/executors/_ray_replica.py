@@ -340,6 +340,9 @@ class RayReplica(Replica):
             return call.group
         return None
 
+    def group_size(self, key: Any) -> int:
+        return key.size if isinstance(key, Group) else 0
+
     def report_stats(self) -> None:
         self._unreported.flush()
 
