@@ -101,10 +101,9 @@ async def engine_chain(
     return latency, throughput
 
 
-def plain_chain(items: int, latency_items: int, window: int | None = None) -> tuple[float, float]:
-    """The same with plain actors, each stage's ref handed to the next: every item
-    submitted at once (``window`` None), or at most ``window`` items in flight, as a
-    program that bounds its memory would (and as the engine does)."""
+def actor_chain() -> tuple[list[Any], Callable[[Any], Any]]:
+    """Plain actors, one per stage, and ``submit(x)``: the last stage's ref for ``x``,
+    each stage's ref handed to the next."""
     actors = [ray.remote(num_cpus=0)(Stage).remote() for _ in range(STAGES)]
 
     def submit(x: Any) -> Any:
@@ -113,6 +112,14 @@ def plain_chain(items: int, latency_items: int, window: int | None = None) -> tu
             ref = actor.f.remote(ref)
         return ref
 
+    return actors, submit
+
+
+def plain_chain(items: int, latency_items: int, window: int | None = None) -> tuple[float, float]:
+    """The same with plain actors, each stage's ref handed to the next: every item
+    submitted at once (``window`` None), or at most ``window`` items in flight, as a
+    program that bounds its memory would (and as the engine does)."""
+    actors, submit = actor_chain()
     ray.get(submit(0))
     settle()
     start = time.perf_counter()
@@ -139,14 +146,7 @@ async def plain_chain_awaited(items: int, latency_items: int) -> tuple[float, fl
     """The plain chain as an asyncio program drives it: each item's last ref awaited on
     the loop (Ray's own ``await ref``), at most ``WINDOW`` items in flight -- what any
     asyncio caller of Ray pays, before an engine adds anything."""
-    actors = [ray.remote(num_cpus=0)(Stage).remote() for _ in range(STAGES)]
-
-    def submit(x: Any) -> Any:
-        ref = x
-        for actor in actors:
-            ref = actor.f.remote(ref)
-        return ref
-
+    actors, submit = actor_chain()
     await submit(0)
     await anyio.to_thread.run_sync(settle)
     start = time.perf_counter()

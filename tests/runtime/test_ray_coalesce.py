@@ -28,6 +28,12 @@ def runner(engine: df.Engine, name: str) -> Any:
     return engine._scheduler.runners[name]  # type: ignore[union-attr]
 
 
+async def until(done: Any) -> None:
+    """Let the other tasks run until ``done()``."""
+    while not done():
+        await anyio.lowlevel.checkpoint()
+
+
 async def warmed(engine: df.Engine, inputs: list[Any]) -> None:
     """Run ``inputs`` and report their times: a node shares calls only once it knows
     how long its body takes."""
@@ -59,8 +65,11 @@ async def queue_behind_a_held_call(
     # Some are taken (they wait for a place); the others wait in the node's input,
     # until it is full (the rest wait to be sent).
     inbox = head.inbox
-    while len(inbox) < inbox.capacity and inbox.stats.items - taken + len(inbox) < len(inputs):
-        await anyio.lowlevel.checkpoint()
+    await until(
+        lambda: (
+            len(inbox) == inbox.capacity or inbox.stats.items - taken + len(inbox) >= len(inputs)
+        )
+    )
     return results
 
 
@@ -151,10 +160,11 @@ async def test_one_request_ending_does_not_cancel_a_call_another_one_shares(
             tg.start_soon(one, "b", 0.2)  # it ends while its call waits in the actor
             tg.start_soon(one, "c")
             echo_runner = runner(engine, "echo")
-            while echo_runner.inbox.stats.items < taken + 3 or len(echo_runner.inbox):
-                await anyio.lowlevel.checkpoint()  # b and c were taken, in one call
-            while "timed out" not in results:
-                await anyio.lowlevel.checkpoint()
+            # b and c were taken, in one call
+            await until(
+                lambda: echo_runner.inbox.stats.items >= taken + 3 and not echo_runner.inbox
+            )
+            await until(lambda: "timed out" in results)
             await get(probe.set.remote("release"))
         assert sorted(map(str, results)) == ["-1", "c", "timed out"]
         assert runner(engine, "echo").stats.batch_sizes[2] == 1
@@ -260,10 +270,6 @@ async def test_calls_downstream_line_up_with_the_calls_upstream(probe: Any) -> N
 
         async def one(x: Any) -> None:
             results[x] = await engine.run(x)
-
-        async def until(done: Any) -> None:
-            while not done():
-                await anyio.lowlevel.checkpoint()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(one, "h3")  # third's only lane waits for it in the actor...
